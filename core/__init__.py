@@ -1,0 +1,1 @@
+"""rwft.core: hook specs, plugin manager, registries, config, model, data, engine, metrics, logging, CLI."""

@@ -1,0 +1,19 @@
+"""Errors a user can act on. Each message says what is wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class RwftError(Exception):
+    """Base class: the command line prints these without a traceback."""
+
+
+class ConfigError(RwftError):
+    """A config file or override is wrong (unknown key, wrong type, bad value)."""
+
+
+class DataError(RwftError):
+    """Site data is missing, unreadable or malformed."""
+
+
+class PluginError(RwftError):
+    """A plugin registered something twice, or a name is unknown."""

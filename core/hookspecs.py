@@ -1,0 +1,110 @@
+"""Every extension point of rwft, in one place.
+
+Each hook hands the plugin a ``register`` callback owned by the core (the ``llm``
+pattern): the plugin calls it once per feature it provides, the core records which
+plugin registered what, refuses duplicate names and answers lookups with close
+matches. Built-in features in ``rwft.plugins`` use these hooks exactly like a
+third-party package that declares an entry point in the ``rwft`` group::
+
+    [project.entry-points.rwft]
+    my_backbones = "my_package.rwft_plugin"
+
+The contract of each ``factory`` is stated on its hook below. A plugin may
+implement any subset of the hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pluggy
+
+PROJECT_NAME = "rwft"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class Register(Protocol):
+    """The callback every ``register_*`` hook receives."""
+
+    def __call__(self, name: str, factory: object, description: str = "") -> None: ...
+
+
+@hookspec
+def register_backbones(register: Register) -> None:
+    """Register image backbones: ``register(name, factory, description)``.
+
+    ``name`` is what users write in ``model.backbone``. A name ending in ``/`` (for
+    example ``"timm/"``) registers a *family*: ``model.backbone=timm/resnet18`` then
+    calls that family's factory with ``arch="resnet18"``.
+
+    Contract of ``factory(*, arch, pretrained, weights) -> rwft.core.model.Backbone``:
+
+    - ``arch``: the part after the family prefix, or ``None`` for a plain name.
+    - ``pretrained``: ``True`` loads pretrained (ImageNet) weights, ``False`` gives
+      the same architecture with random initialisation ("scratch").
+    - ``weights``: a local file to load the pretrained weights from instead of the
+      hub (``model.weights``); ``None`` means the backbone's default source. Loading
+      from the hub and from a file must go through the same code.
+    - Returns a ``Backbone`` whose ``module`` maps a normalised ``(N, 3, H, W)``
+      float tensor to ``(N, num_features)`` pooled features (no classifier), and which
+      states the input normalisation (``mean``/``std``) its weights expect and the
+      attribute path of its first convolution (used by the ``weightsum`` adapter).
+    - Must not download anything when ``pretrained`` is ``False``.
+    """
+
+
+@hookspec
+def register_adapters(register: Register) -> None:
+    """Register channel adapters (grayscale X-ray -> the backbone's 3 input channels).
+
+    Contract of ``factory(backbone: Backbone) -> torch.nn.Module``:
+
+    - The returned module maps ``(N, 1, H, W)`` normalised grayscale images to what
+      ``backbone.module`` accepts. It runs in front of the backbone and its parameters
+      train with the model (in ``probe`` mode too: it is part of the input pipeline).
+    - The factory may modify ``backbone.module`` in place (``weightsum`` folds the
+      first convolution's RGB kernels into one input channel and returns an identity)
+      and must then update ``backbone.in_chans``.
+    - At initialisation an adapter should reproduce ``replicate`` (the grayscale
+      image copied to three channels), so that pretrained features are preserved.
+    """
+
+
+@hookspec
+def register_strategies(register: Register) -> None:
+    """Register federated aggregation strategies (``federation.strategy``).
+
+    Contract of ``factory(config: RwftConfig, **common) -> flwr.serverapp.strategy.Strategy``:
+
+    - ``config`` is the whole resolved run config (read ``config.federation``).
+    - ``common`` holds the keyword arguments every Flower strategy accepts that the
+      server computes for the run (``fraction_train``, ``fraction_evaluate``,
+      ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``): pass them on.
+    - Returns a Flower strategy from ``flwr.serverapp.strategy`` (or a subclass); the
+      server drives it with ``strategy.start(...)``.
+    - If the strategy needs the client to do something different (FedProx's proximal
+      term), it reads the same config on the client; strategies never add new message
+      contents beyond arrays and scalar metrics/config values.
+    """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register X-ray datasets (``data.dataset``).
+
+    Contract of ``factory(data: DataConfig, *, seed: int) -> rwft.core.data.DatasetSplits``:
+
+    - ``data.root`` is a path the user gave (already resolved against
+      ``$RWFT_DATA_DIR``) or ``None``; with no usable data the factory raises
+      ``rwft.core.errors.DataError`` saying exactly how to point rwft at the data.
+    - Returns train/val/test splits of decoded ``uint8`` images, shape
+      ``(N, data.image_size, data.image_size)``, with ``int64`` labels and the class
+      names (label ``i`` is ``class_names[i]``). Decoding should happen once and be
+      cached (``rwft.core.cache``), so that a federated round does not re-decode.
+    - When the source has no usable validation split the factory carves one out of
+      train (seeded, stratified, ``data.val_fraction``).
+    - Bad files raise ``DataError`` naming each file and the fix, or, when
+      ``data.on_bad_file == "skip"``, are left out and listed in ``DatasetSplits.skipped``.
+    """

@@ -1,0 +1,1 @@
+"""Built-in rwft features, each a plugin module registered exactly like a third-party plugin."""
