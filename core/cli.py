@@ -1,0 +1,166 @@
+"""The ``rwft`` command: train, evaluate, simulate, list plugins, show the config.
+
+Every subcommand takes the same config: ``--config FILE.yaml`` plus ``key=value``
+overrides (see ``rwft config``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from rwft.core.errors import RwftError
+
+console = Console(stderr=True)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="experiment YAML (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+    parser.add_argument("--config", dest="config_flag", metavar="FILE", help="same as the positional CONFIG")
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """Allow ``rwft train a.yaml k=v``, ``rwft train --config a.yaml k=v`` and ``rwft train k=v``."""
+    config, overrides = args.config_flag, list(args.overrides)
+    if args.config is not None:
+        if "=" in args.config:
+            overrides.insert(0, args.config)
+        elif config is None:
+            config = args.config
+        else:
+            raise RwftError(f"two config files given: {config} and {args.config}.")
+    return config, overrides
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rwft.core.config import load_config
+    from rwft.core.run import train
+
+    config, overrides = _split_config(args)
+    if args.resume:
+        overrides.append(f"output_dir={args.resume}")
+        saved = Path(args.resume) / "config.yaml"
+        if config is None and saved.is_file():
+            config = str(saved)
+    cfg = load_config(config, overrides)
+    console.print(f"[bold]rwft train[/bold] {cfg.model.backbone} ({'ImageNet' if cfg.model.pretrained else 'scratch'}, "
+                  f"{cfg.model.mode}, adapter {cfg.model.adapter}) on {cfg.data.dataset} at {cfg.data.image_size}px "
+                  f"-> {cfg.output_dir}")
+    result = train(cfg, resume=args.resume is not None)
+    _print_metrics("test", result.metrics["test"])
+    console.print(f"best epoch {result.metrics['best_epoch']}, threshold {result.metrics['threshold']:.3f} "
+                  f"(chosen on validation)")
+    console.print(f"run directory: {result.run_dir}  (metrics.json, best.pt, config.yaml)\n"
+                  f"TensorBoard:   tensorboard --logdir {result.run_dir / 'tb'}")
+    return 0
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    from rwft.core.run import summary_table
+
+    table = Table(title=f"{title} metrics ({metrics.get('num_examples', '?')} images)")
+    for column in ("metric", "value", "95% CI"):
+        table.add_column(column)
+    for row in summary_table(metrics):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from rwft.core.run import evaluate
+
+    metrics = evaluate(args.checkpoint, list(args.overrides), split=args.split)
+    _print_metrics(args.split, metrics)
+    if args.output:
+        from rwft.core.checkpoint import write_json
+
+        write_json(args.output, metrics)
+        console.print(f"written: {args.output}")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from rwft.core.plugins import KINDS, get_registries
+
+    registries = get_registries()
+    if args.json:
+        print(json.dumps({kind: [{"name": r.name, "plugin": r.plugin, "description": r.description}
+                                 for r in registries.of(kind)] for kind in KINDS}, indent=2))
+        return 0
+    table = Table(title="rwft plugins")
+    for column in ("kind", "name", "plugin", "description"):
+        table.add_column(column)
+    for kind in KINDS:
+        for registration in registries.of(kind):
+            table.add_row(kind[:-1], registration.name, registration.plugin, registration.description)
+    Console().print(table)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from rwft.core.config import load_config, to_yaml
+
+    config, overrides = _split_config(args)
+    print(to_yaml(load_config(config, overrides)), end="")
+    return 0
+
+
+def _cmd_simulate(argv: Sequence[str]) -> int:
+    from rwft.server.simulation import main as simulate_main
+
+    return simulate_main(list(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwft", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train and evaluate one model centrally")
+    _add_config_arguments(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint (default: test split)")
+    evaluate.add_argument("checkpoint", help="RUN_DIR/best.pt")
+    evaluate.add_argument("overrides", nargs="*", help="key=value, e.g. data.root=/other/site")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--output", help="also write the metrics as JSON here")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    plugins = sub.add_parser("plugins", help="list registered backbones, adapters, strategies, datasets")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(handler=_cmd_plugins)
+
+    config = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
+    _add_config_arguments(config)
+    config.set_defaults(handler=_cmd_config)
+
+    sub.add_parser("simulate", help="simulated federation of hospitals (see rwft simulate --help)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "simulate":  # its own parser lives with the server
+            return _cmd_simulate(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args))
+    except RwftError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The one training and evaluation loop.
+
+Centralised runs (``rwft train``), each hospital's local round in the Flower client,
+and Ray trials all train through ``Trainer``/``fit`` and score through ``predict``/
+``evaluate_split``: one loop, so a result in one setting means the same in the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rwft.core.config import RwftConfig, TrainConfig
+from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
+from rwft.core.metrics import binary_metrics
+from rwft.core.tblog import RunLogger
+
+
+def select_device(train: TrainConfig) -> torch.device:
+    """``train.device``: "auto" takes the GPU when there is one, else the CPU."""
+    if train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={train.device} but no CUDA GPU is visible; use train.device=auto or cpu.")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the GPU ("auto" or "bf16"); fp32 elsewhere.
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed.
+    """
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device``; channels_last on the GPU, where convolutions run faster in it."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@dataclass
+class FitResult:
+    num_examples: int  # training examples seen per epoch (the FedAvg weight)
+    train_loss: float  # mean loss of the last epoch
+    val: dict[str, float] = field(default_factory=dict)  # validation metrics of the kept weights
+    steps: int = 0
+    best_epoch: int = 0  # 1-based epoch whose weights were kept
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch val metrics
+
+
+class Trainer:
+    """Optimiser, schedule and step counter around one model.
+
+    ``proximal_mu > 0`` adds FedProx's term mu/2·||w - w0||² with w0 the weights when
+    the trainer was created (the global model a federated client just received).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: RwftConfig,
+        *,
+        steps_per_epoch: int,
+        epochs: int,
+        device: torch.device | None = None,
+        proximal_mu: float = 0.0,
+        global_step: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device or select_device(cfg.train)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.model = prepare_model(model, self.device)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        total_steps = max(1, steps_per_epoch * epochs)
+        if cfg.train.schedule == "onecycle":
+            self.scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer, max_lr=cfg.train.lr, total_steps=total_steps, pct_start=0.15
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.proximal_mu = proximal_mu
+        self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
+        self.global_step = global_step
+
+    def train_epoch(
+        self,
+        split: ImageSplit,
+        *,
+        epoch_seed: int,
+        logger: RunLogger | None = None,
+        progress: bool = False,
+        description: str = "train",
+    ) -> float:
+        """One pass over ``split``; returns the mean training loss."""
+        train = self.cfg.train
+        generator = torch.Generator().manual_seed(epoch_seed)
+        batches: Iterator = iterate_batches(
+            split, train.batch_size, shuffle=True, augment=self.cfg.data.augment,
+            generator=generator, device=self.device,
+        )
+        limit = num_batches(split, train.batch_size)
+        if train.max_steps_per_epoch:
+            limit = min(limit, train.max_steps_per_epoch)
+        self.model.train()
+        total, count = 0.0, 0
+        bar = tqdm(total=limit, desc=description, leave=False, disable=not progress)
+        for step, (images, labels) in enumerate(batches):
+            if step >= limit:
+                break
+            loss = self.train_step(images, labels)
+            total += loss * len(labels)
+            count += len(labels)
+            if logger is not None:
+                logger.scalar("train/loss", loss, self.global_step)
+                logger.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        bar.close()
+        return total / max(count, 1)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.cfg.train.precision):
+            loss = self.loss_fn(self.model(images).float(), labels)
+        if self.proximal_mu > 0:
+            drift = sum(torch.sum((p - a) ** 2) for p, a in zip(self.parameters, self.anchor))
+            loss = loss + 0.5 * self.proximal_mu * drift
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        # OneCycle refuses to step past its total; a capped epoch can end early.
+        if self.scheduler.last_epoch + 1 < getattr(self.scheduler, "total_steps", math.inf):
+            self.scheduler.step()
+        self.global_step += 1
+        return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = int(state["global_step"])
+
+
+EpochCallback = Callable[[int, Trainer, dict[str, float], bool], None]
+
+
+def fit(
+    model: nn.Module,
+    splits: DatasetSplits,
+    cfg: RwftConfig,
+    *,
+    epochs: int,
+    device: torch.device | None = None,
+    logger: RunLogger | None = None,
+    proximal_mu: float = 0.0,
+    global_step: int = 0,
+    select_best: bool = False,
+    progress: bool = False,
+    start_epoch: int = 0,
+    trainer_state: dict | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    best_auroc: float = -math.inf,
+) -> FitResult:
+    """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
+
+    With ``select_best`` the weights of the best validation-AUROC epoch are restored
+    at the end. ``on_epoch_end(epoch, trainer, val_metrics, is_best)`` is where
+    callers checkpoint; ``start_epoch``/``trainer_state``/``best_auroc`` resume a run
+    from such a checkpoint.
+    """
+    steps = num_batches(splits.train, cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device,
+                      proximal_mu=proximal_mu, global_step=global_step)
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+    best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")
+    for epoch in range(start_epoch, epochs):
+        train_loss = trainer.train_epoch(
+            splits.train, epoch_seed=cfg.seed * 1000 + epoch, logger=logger, progress=progress,
+            description=f"epoch {epoch + 1}/{epochs}",
+        )
+        val = evaluate_split(trainer.model, splits.val, cfg, device=trainer.device) if len(splits.val) else {}
+        val["train_loss"] = train_loss
+        history.append(val)
+        if logger is not None:
+            logger.scalars(val, step=epoch + 1, prefix="val")
+        auroc = val.get("auroc", float("nan"))
+        is_best = not math.isnan(auroc) and auroc > best_auroc
+        if is_best or best_state is None:
+            best_epoch = epoch + 1
+            if is_best:
+                best_auroc = auroc
+            if select_best:
+                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, trainer, val, is_best)
+    if select_best and best_state is not None:
+        trainer.model.load_state_dict(best_state)
+    kept_val = history[best_epoch - start_epoch - 1] if select_best and history else (history[-1] if history else {})
+    return FitResult(
+        num_examples=min(len(splits.train), steps * cfg.train.batch_size),
+        train_loss=train_loss, val=kept_val, steps=trainer.global_step - global_step,
+        best_epoch=best_epoch, history=history,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: ImageSplit, cfg: RwftConfig, device: torch.device | None = None) -> np.ndarray:
+    """Softmax probabilities ``(N, num_classes)`` for every image of ``split`` (no augmentation)."""
+    device = device or select_device(cfg.train)
+    model = prepare_model(model, device)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    batches = iterate_batches(split, cfg.train.batch_size * 2, shuffle=False, augment=False,
+                              generator=None, device=device)
+    for images, _ in batches:
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.train.precision):
+            logits = model(images)
+        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 2), dtype=np.float32)
+
+
+def evaluate_split(
+    model: nn.Module,
+    split: ImageSplit,
+    cfg: RwftConfig,
+    threshold: float = 0.5,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Binary metrics (positive = class 1) plus cross-entropy loss on ``split``."""
+    probs = predict(model, split, cfg, device)
+    metrics = binary_metrics(split.labels, probs[:, 1], threshold)
+    picked = probs[np.arange(len(split)), split.labels]
+    metrics["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    metrics["num_examples"] = float(len(split))
+    return metrics
