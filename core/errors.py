@@ -17,3 +17,7 @@ class DataError(RwftError):
 
 class PluginError(RwftError):
     """A plugin registered something twice, or a name is unknown."""
+
+
+class WeightsError(RwftError):
+    """A weights file is missing, unreadable, or does not fit the architecture."""

@@ -50,7 +50,8 @@ def register_backbones(register: Register) -> None:
     - Returns a ``Backbone`` whose ``module`` maps a normalised ``(N, 3, H, W)``
       float tensor to ``(N, num_features)`` pooled features (no classifier), and which
       states the input normalisation (``mean``/``std``) its weights expect and the
-      attribute path of its first convolution (used by the ``weightsum`` adapter).
+      attribute path of its first convolution (used by the ``weightsum`` adapter;
+      ``None`` when there is no single first convolution, which rules ``weightsum`` out).
     - Must not download anything when ``pretrained`` is ``False``.
     """
 
@@ -61,8 +62,9 @@ def register_adapters(register: Register) -> None:
 
     Contract of ``factory(backbone: Backbone) -> torch.nn.Module``:
 
-    - The returned module maps ``(N, 1, H, W)`` normalised grayscale images to what
-      ``backbone.module`` accepts. It runs in front of the backbone and its parameters
+    - The returned module maps ``(N, 1, H, W)`` grayscale images with values in
+      ``[0, 1]`` to ``(N, backbone.in_chans, H, W)``; rwft applies the backbone's
+      normalisation after the adapter. It runs in front of the backbone and its parameters
       train with the model (in ``probe`` mode too: it is part of the input pipeline).
     - The factory may modify ``backbone.module`` in place (``weightsum`` folds the
       first convolution's RGB kernels into one input channel and returns an identity)

@@ -1,11 +1,26 @@
-"""Model assembly: channel adapter -> backbone -> classification head."""
+"""Model assembly: channel adapter -> input normalisation -> backbone -> dropout -> linear head.
+
+``build_model(config.model, num_classes)`` is the one way every entry point (centralised
+training, Ray trials, the Flower server and clients) gets a model, so that all of them
+train exactly the same network. Backbones and adapters come from the plugin registries
+(``rwft.core.hookspecs``); this module owns the parts every backbone shares.
+"""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
+import timm
 import torch
 from torch import nn
+
+from rwft.core.config import ModelConfig
+from rwft.core.errors import ConfigError, PluginError, WeightsError
+from rwft.core.plugins import Registration, Registries, get_registries
+
+MODES = ("full", "probe")
 
 
 @dataclass
@@ -16,5 +31,136 @@ class Backbone:
     num_features: int
     mean: tuple[float, ...]  # per-channel input normalisation the weights expect
     std: tuple[float, ...]
-    first_conv: str  # attribute path of the first convolution, e.g. "conv_stem"
+    # Attribute path of the first convolution, e.g. "conv_stem"; None when its RGB kernels
+    # cannot be folded into one channel (the input reaches several convolutions, or is
+    # mixed across channels before the first one); the weightsum adapter then refuses.
+    first_conv: str | None
     in_chans: int = 3
+
+
+def weights_file(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it is an existing file, else a ``WeightsError`` saying what to do."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise WeightsError(
+            f"weights file {file} does not exist. Set model.weights to the path of a "
+            "pretrained weights file, or model.pretrained=false to train from scratch."
+        )
+    return file
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``torch.save``d state dict (tensors only, never pickled code) onto the CPU."""
+    file = weights_file(path)
+    try:
+        state_dict = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or non-torch files
+        raise WeightsError(f"weights file {file} is not a readable torch state dict: {exc}") from exc
+    if not isinstance(state_dict, dict):
+        raise WeightsError(f"weights file {file} holds a {type(state_dict).__name__}, "
+                           "not a state dict (a mapping of names to tensors).")
+    return state_dict
+
+
+def resolve_backbone(name: str, registries: Registries) -> tuple[Registration, str | None]:
+    """The registration that builds backbone ``name`` and the ``arch`` to pass its factory.
+
+    Tried in order: an exactly registered name (``arch`` is ``None``); ``family/arch``
+    for a registered family (a name ending in ``/``); any timm model name, as
+    ``timm/name``. Anything else raises ``PluginError`` listing close matches.
+    """
+    backbones = registries.backbones
+    if name in backbones and not name.endswith("/"):
+        return backbones.get(name), None
+    family, slash, arch = name.partition("/")
+    if slash and family + "/" in backbones:
+        if not arch:
+            raise PluginError(f"backbone {name!r} names a family but no architecture: "
+                              f"write {name}ARCH, for example timm/resnet18.")
+        return backbones.get(family + "/"), arch
+    if "timm/" in backbones and timm.is_model(name):
+        return backbones.get("timm/"), name
+    raise PluginError(backbones.unknown_message(name) + _close_timm_models(name))
+
+
+def _close_timm_models(name: str) -> str:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.75)
+    return f" Close timm models: {', '.join(close)}." if close else ""
+
+
+class RwftModel(nn.Module):
+    """Grayscale X-ray in ``[0, 1]``, shape ``(N, 1, H, W)`` -> logits ``(N, num_classes)``.
+
+    ``adapter`` (1 channel -> ``backbone.in_chans``) -> per-channel normalisation with the
+    statistics the backbone's weights expect -> ``backbone`` -> dropout -> ``head``.
+
+    In ``probe`` mode the backbone's parameters are frozen and the backbone stays in eval
+    mode even after ``model.train()``, so BatchNorm statistics stay the pretrained ones;
+    the adapter and the head train. In ``full`` mode everything trains.
+    """
+
+    def __init__(self, backbone: Backbone, adapter: nn.Module, num_classes: int, *,
+                 dropout: float = 0.0, mode: str = "full") -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"model.mode={mode!r} is not one of {', '.join(MODES)}.")
+        self.mode = mode
+        self.adapter = adapter
+        mean, std = _normalisation(backbone)
+        # Buffers follow the model to its device; not persistent because they follow from
+        # the backbone choice and need not travel in every checkpoint and Flower message.
+        self.register_buffer("input_mean", mean, persistent=False)
+        self.register_buffer("input_std", std, persistent=False)
+        self.backbone = backbone.module
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        if mode == "probe":
+            self.backbone.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> RwftModel:
+        super().train(mode)
+        if self.mode == "probe":
+            self.backbone.eval()  # a linear probe reads fixed pretrained features
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (self.adapter(images) - self.input_mean) / self.input_std
+        return self.head(self.dropout(self.backbone(x)))
+
+
+def _normalisation(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(backbone.mean, dtype=torch.float32)
+    std = torch.tensor(backbone.std, dtype=torch.float32)
+    if backbone.in_chans == 1 and len(mean) > 1:
+        # The RGB kernels were folded into one channel (weightsum): one channel, one
+        # statistic. Exact when the channels share their normalisation, close otherwise.
+        mean, std = mean.mean(dim=0, keepdim=True), std.mean(dim=0, keepdim=True)
+    if len(mean) != backbone.in_chans or len(std) != backbone.in_chans:
+        raise PluginError(f"the backbone takes {backbone.in_chans} input channels but states "
+                          f"{len(mean)} means and {len(std)} stds; its plugin must give one per channel.")
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int,
+                registries: Registries | None = None) -> RwftModel:
+    """The model ``model_cfg`` describes, with a fresh ``num_classes``-way head.
+
+    ``registries`` defaults to the built-in and installed plugins. Raises
+    ``PluginError`` for unknown backbone/adapter names, ``WeightsError`` when the
+    pretrained weights cannot be loaded, ``ConfigError`` for contradictory settings.
+    """
+    registries = registries or get_registries()
+    if model_cfg.weights and not model_cfg.pretrained:
+        raise ConfigError(f"model.weights={model_cfg.weights} is set but model.pretrained=false "
+                          "(scratch training reads no weights): unset one of the two.")
+    registration, arch = resolve_backbone(model_cfg.backbone, registries)
+    backbone = registration.factory(arch=arch, pretrained=model_cfg.pretrained,
+                                    weights=model_cfg.weights)
+    adapter = registries.adapters.get(model_cfg.adapter).factory(backbone)
+    return RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should update (those with ``requires_grad``)."""
+    return [p for p in model.parameters() if p.requires_grad]
