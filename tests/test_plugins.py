@@ -110,3 +110,23 @@ def test_installed_plugin_is_not_loaded_when_excluded(installed_example_plugin, 
     registries = collect_registries(make_plugin_manager())
     assert "tiny_cnn" not in registries.backbones
     assert "rwft_tiny_backbone" not in sys.modules
+
+
+@pytest.mark.integration
+def test_rwft_train_runs_with_the_example_plugin_backbone(installed_example_plugin, monkeypatch, tmp_path,
+                                                          pneumoniamnist_npz):
+    from rwft.core.config import load_config
+    from rwft.core.plugins import reset_registries
+    from rwft.core.run import train
+
+    monkeypatch.setenv("RWFT_LOAD_PLUGINS", "tiny_cnn")
+    reset_registries()  # the process-wide registries now include the installed plugin
+    try:
+        cfg = load_config(overrides=[
+            "model.backbone=tiny_cnn", "model.pretrained=false", f"data.root={pneumoniamnist_npz}",
+            "data.image_size=28", "data.max_train_images=800", "train.epochs=2", "train.lr=0.01",
+            "train.bootstrap=0", "train.device=cpu", f"output_dir={tmp_path}"])
+        result = train(cfg, progress=False)
+    finally:
+        reset_registries()
+    assert result.metrics["test"]["auroc"]["value"] > 0.7  # chance is 0.5
