@@ -40,7 +40,6 @@ class DataConfig:
     on_bad_file: str = "error"  # error | skip (skipped files are reported)
     cache_dir: Optional[str] = None  # decoded-image cache; default ~/.cache/rwft
     max_train_images: Optional[int] = None  # stratified subsample for quick runs
-    num_workers: int = 0
 
 
 @dataclass
@@ -69,9 +68,12 @@ class FederationConfig:
     server_lr: float = 0.1  # server-side learning rate of adaptive strategies (fedadam, fedyogi)
     trimmed_beta: float = 0.2  # fraction trimmed at each end by fedtrimmedavg
     krum_byzantine: int = 0  # sites Krum assumes may be malicious
-    address: str = "127.0.0.1:9092"  # SuperLink Fleet API address the sites connect to
+    address: str = "127.0.0.1:9092"  # host:port the SuperLink serves (sites, flwr CLI); 0.0.0.0:PORT for remote sites
     wait_timeout_s: float = 600.0  # how long the server waits for min_sites before giving up
     server_eval: bool = True  # evaluate the global model on a server-side held-out set
+    round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long
+    sites: int = 3  # rwft simulate: how many hospitals to simulate
+    partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
 
 
 @dataclass

@@ -1,15 +1,35 @@
-"""Decoded X-ray splits, and how they become tensors for training.
+"""Decoded X-ray splits: where they come from and how they become tensors for training.
 
 Datasets (plugins) decode their source once into ``uint8`` arrays at
 ``data.image_size`` (cached by ``rwft.core.cache``); everything downstream, the
 training engine, the Flower client and Ray trials, works from these arrays.
+``load_splits`` is the one entry point that finds the data, calls the dataset's
+factory and applies the run-level options; ``iterate_batches`` turns a split into
+training batches without a ``DataLoader`` (the arrays are already in memory, so
+worker processes would only add start-up time to every federated round).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from rwft.core.augment import augment_batch
+from rwft.core.config import DataConfig, RwftConfig
+from rwft.core.errors import ConfigError, DataError, PluginError
+from rwft.core.plugins import Registries, get_registries
+
+DATA_DIR_ENV = "RWFT_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,10 @@ class ImageSplit:
     def subset(self, index: np.ndarray) -> "ImageSplit":
         return ImageSplit(self.images[index], self.labels[index])
 
+    @staticmethod
+    def empty(image_size: int) -> "ImageSplit":
+        return ImageSplit(np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int64))
+
 
 @dataclass(frozen=True)
 class DatasetSplits:
@@ -49,3 +73,177 @@ class DatasetSplits:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def resize_square(image: Image.Image, size: int) -> np.ndarray:
+    """An 8-bit grayscale PIL image as a ``(size, size)`` uint8 array.
+
+    The aspect ratio is not kept: the whole frame (both lungs, to the edges) stays in
+    view, which is how the reference images in ``../shared/data`` were made. Pillow's
+    bicubic resize is antialiased when it shrinks (its filter widens with the scale),
+    so small training sizes do not alias rib edges into noise.
+    """
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resolve_data_root(data: DataConfig) -> Path | None:
+    """The data path to use: ``data.root``, else ``$RWFT_DATA_DIR``, else ``None``.
+
+    ``~`` is expanded and the path made absolute. A path that is given but does not
+    exist raises ``DataError`` naming it and where it came from; ``None`` means the
+    user gave none (the dataset may then download, or explain how to point at data).
+    """
+    if data.root:
+        raw, origin = data.root, "data.root"
+    elif os.environ.get(DATA_DIR_ENV):
+        raw, origin = os.environ[DATA_DIR_ENV], f"${DATA_DIR_ENV}"
+    else:
+        return None
+    path = Path(raw).expanduser().absolute()
+    if not path.exists():
+        raise DataError(f"{origin}={raw} does not exist ({path}). Point it at the dataset's file or "
+                        "folder, e.g. data.root=/data/chest_xray or data.root=/data/pneumoniamnist.npz.")
+    return path
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(labels))`` into ``(keep_idx, holdout_idx)``, stratified and seeded.
+
+    ``holdout_idx`` holds ``round(fraction * len(labels))`` indices, shared out over
+    the classes in proportion to their sizes (largest remainder), so class ratios
+    match on both sides. A class with at least two examples has at least one on each
+    side; a class with one example stays in ``keep_idx``. The same labels, fraction
+    and seed always give the same split. Both index arrays are sorted (sequential
+    reads from a memory-mapped cache).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    classes, sizes = np.unique(labels, return_counts=True)
+    holdout_sizes = apportion(math.floor(fraction * len(labels) + 0.5), sizes) if len(labels) else sizes
+    holdout_sizes = np.where(sizes >= 2, np.clip(holdout_sizes, 1, sizes - 1), 0)
+
+    rng = np.random.default_rng(seed)
+    keep, holdout = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for cls, n_holdout in zip(classes, holdout_sizes):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        holdout.append(members[:n_holdout])
+        keep.append(members[n_holdout:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(holdout))
+
+
+def apportion(total: int, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``total`` shared out in proportion to ``weights``: integers summing exactly to ``total``.
+
+    Each part is the floor of its exact share, and the units left over go to the
+    largest remainders (Hamilton's method), ties to the earlier part.
+    """
+    weights = np.asarray(weights, dtype=float)
+    exact = total * weights / weights.sum()
+    parts = np.floor(exact).astype(np.int64)
+    parts[np.argsort(-(exact - parts), kind="stable")[:total - parts.sum()]] += 1
+    return parts
+
+
+def class_count_table(first_column: str, rows: Sequence[tuple[str, Sequence[int]]],
+                      class_names: Sequence[str]) -> str:
+    """Per-class counts as a plain-text table, with a total column and an ``all`` row."""
+    header = [first_column, *class_names, "total"]
+    sums = np.sum([counts for _, counts in rows], axis=0, dtype=np.int64) if rows else np.zeros(len(class_names), int)
+    body = [[name, *map(str, counts), str(sum(counts))] for name, counts in [*rows, ("all", sums.tolist())]]
+    widths = [max(len(line[col]) for line in [header, *body]) for col in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *body])
+
+
+def load_data(data: DataConfig, *, seed: int, registries: Registries | None = None) -> DatasetSplits:
+    """Resolve ``data.root`` and call the factory registered as ``data.dataset``.
+
+    The factory receives a copy of ``data`` whose ``root`` is the resolved path (or
+    ``None``), as the ``register_datasets`` contract promises. Raises ``PluginError``
+    if the factory breaks the contract (image size, dtype).
+    """
+    registration = (registries or get_registries()).datasets.get(data.dataset)
+    root = resolve_data_root(data)
+    resolved = dataclasses.replace(data, root=None if root is None else str(root))
+    splits: DatasetSplits = registration.factory(resolved, seed=seed)
+    expected = (data.image_size, data.image_size)
+    for name in ("train", "val", "test"):
+        split: ImageSplit = getattr(splits, name)
+        if split.images.shape[1:] != expected:
+            raise PluginError(f"dataset {data.dataset!r} (plugin {registration.plugin!r}) returned {name} "
+                              f"images of size {split.images.shape[1:]}, not data.image_size {expected}.")
+    return splits
+
+
+def load_splits(cfg: RwftConfig, registries: Registries | None = None) -> DatasetSplits:
+    """The train/val/test splits a run trains on, per ``cfg.data`` and ``cfg.seed``.
+
+    Calls the dataset factory (``load_data``), then keeps a seeded, stratified
+    subsample of ``data.max_train_images`` training images if set (val and test are
+    never subsampled: scores stay comparable). Files left out because of
+    ``data.on_bad_file=skip`` are printed to stderr.
+    """
+    data = as_data_config(cfg.data)
+    splits = load_data(data, seed=cfg.seed, registries=registries)
+    if data.max_train_images is not None:
+        if data.max_train_images < 1:
+            raise ConfigError(f"data.max_train_images must be at least 1, got {data.max_train_images}.")
+        if data.max_train_images < len(splits.train):
+            _, chosen = stratified_split(splits.train.labels, data.max_train_images / len(splits.train), cfg.seed)
+            splits = dataclasses.replace(splits, train=splits.train.subset(chosen))
+    if splits.skipped:
+        print(skipped_report(splits.skipped), file=sys.stderr)
+    return splits
+
+
+def skipped_report(skipped: tuple[str, ...], limit: int | None = 20) -> str:
+    """Text listing files left out with ``data.on_bad_file=skip`` (at most ``limit``)."""
+    shown = skipped if limit is None else skipped[:limit]
+    lines = [f"rwft: left out {len(skipped)} unreadable file(s) (data.on_bad_file=skip):"]
+    lines += [f"  {entry}" for entry in shown]
+    if len(shown) < len(skipped):
+        lines.append(f"  ... and {len(skipped) - len(shown)} more (DatasetSplits.skipped lists them all)")
+    return "\n".join(lines)
+
+
+def as_data_config(data: Any) -> DataConfig:
+    """``data`` (a ``DataConfig``, an OmegaConf view of one, or a mapping) as a plain, checked ``DataConfig``."""
+    if isinstance(data, DataConfig):
+        return data
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), data))
+
+
+def num_batches(split: ImageSplit, batch_size: int) -> int:
+    """How many batches ``iterate_batches`` yields (the last, partial batch included)."""
+    return math.ceil(len(split) / batch_size)
+
+
+def iterate_batches(
+    split: ImageSplit,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    augment: bool,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(x, y)``: x float32 ``(B, 1, H, W)`` in [0, 1] on ``device``, y int64 ``(B,)``.
+
+    Every image appears once per pass; the last batch may be smaller. ``shuffle``
+    draws the order from ``generator`` (a CPU generator; ``None`` uses torch's global
+    one), and ``augment`` applies ``augment_batch`` with the same generator, so a
+    seeded generator makes a pass reproducible. The uint8 pixels are moved to the
+    device before conversion: a quarter of the transfer, and on a GPU the conversion
+    and the augmentation run there.
+    """
+    order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+    for start in range(0, len(split), batch_size):
+        index = order[start:start + batch_size].numpy()
+        pixels = torch.from_numpy(split.images[index]).to(device)
+        labels = torch.from_numpy(split.labels[index]).to(device)
+        x = pixels.unsqueeze(1).float().div_(255.0)
+        if augment:
+            x = augment_batch(x, generator)
+        yield x, labels
