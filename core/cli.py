@@ -17,7 +17,7 @@ from rich.table import Table
 
 from rwft.core.errors import RwftError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a path across lines
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
