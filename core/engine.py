@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rwft.core.config import RwftConfig, TrainConfig
 from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
 from rwft.core.metrics import binary_metrics
+from rwft.core.model import trainable_parameters
 from rwft.core.tblog import RunLogger
 
 
@@ -92,7 +93,7 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.model = prepare_model(model, self.device)
-        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.parameters = trainable_parameters(self.model)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         total_steps = max(1, steps_per_epoch * epochs)
         if cfg.train.schedule == "onecycle":
