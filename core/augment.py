@@ -40,7 +40,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None) -> torch.T
 
     def uniform(half_width: float, centre: float = 0.0) -> torch.Tensor:
         u = torch.rand(n, generator=generator, device=draw_device)
-        return (centre + (2 * u - 1) * half_width).to(device=x.device, dtype=x.dtype)
+        # non_blocking: a blocking host-to-GPU copy would wait for the queued training step.
+        return (centre + (2 * u - 1) * half_width).to(device=x.device, dtype=x.dtype, non_blocking=True)
 
     angle = uniform(math.radians(MAX_ROTATION_DEGREES))
     scale = uniform((SCALE_RANGE[1] - SCALE_RANGE[0]) / 2, centre=sum(SCALE_RANGE) / 2)

@@ -241,8 +241,14 @@ def iterate_batches(
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     for start in range(0, len(split), batch_size):
         index = order[start:start + batch_size].numpy()
-        pixels = torch.from_numpy(split.images[index]).to(device)
-        labels = torch.from_numpy(split.labels[index]).to(device)
+        pixels = torch.from_numpy(split.images[index])
+        labels = torch.from_numpy(split.labels[index])
+        if device.type == "cuda":
+            # Pinned + non_blocking: a blocking copy would wait for the GPU to finish the
+            # previous step, so gathering the next batch could not overlap with it.
+            pixels, labels = pixels.pin_memory(), labels.pin_memory()
+        pixels = pixels.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         x = pixels.unsqueeze(1).float().div_(255.0)
         if augment:
             x = augment_batch(x, generator)

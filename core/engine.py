@@ -60,6 +60,9 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+LOSS_FLUSH_STEPS = 20
+
+
 @dataclass
 class FitResult:
     num_examples: int  # training examples seen per epoch (the FedAvg weight)
@@ -128,22 +131,41 @@ class Trainer:
             limit = min(limit, train.max_steps_per_epoch)
         self.model.train()
         total, count = 0.0, 0
+        # Losses stay on the device until a flush: reading one per step would make the
+        # CPU wait for the GPU every step, so the next batch could not be prepared
+        # while the current one trains. One read per LOSS_FLUSH_STEPS keeps per-step logs.
+        pending: list[tuple[int, torch.Tensor, float, int]] = []
         bar = tqdm(total=limit, desc=description, leave=False, disable=not progress)
+
+        def flush() -> None:
+            nonlocal total, count
+            if not pending:
+                return
+            values = torch.stack([loss for _, loss, _, _ in pending]).float().cpu().tolist()
+            for (step, _, lr, size), value in zip(pending, values):
+                total += value * size
+                count += size
+                if logger is not None:
+                    logger.scalar("train/loss", value, step)
+                    logger.scalar("train/lr", lr, step)
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+            pending.clear()
+
         for step, (images, labels) in enumerate(batches):
             if step >= limit:
                 break
+            lr = self.optimizer.param_groups[0]["lr"]
             loss = self.train_step(images, labels)
-            total += loss * len(labels)
-            count += len(labels)
-            if logger is not None:
-                logger.scalar("train/loss", loss, self.global_step)
-                logger.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            pending.append((self.global_step, loss, lr, len(labels)))
+            if len(pending) >= LOSS_FLUSH_STEPS:
+                flush()
+        flush()
         bar.close()
         return total / max(count, 1)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimiser step; returns the (detached, still on-device) loss."""
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.precision):
@@ -158,7 +180,7 @@ class Trainer:
         if self.scheduler.last_epoch + 1 < getattr(self.scheduler, "total_steps", math.inf):
             self.scheduler.step()
         self.global_step += 1
-        return float(loss.detach())
+        return loss.detach()
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
