@@ -8,7 +8,7 @@
 #              transfer limit; training runs in bf16, which is coarser than fp16)
 # Results land in $OUT: throughput_224.json, throughput_64.json, accuracy.json, log.txt.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 RWFT_LOAD_PLUGINS="" RWFT_CACHE_DIR=/tmp/rwft-cache
+export PYTHONUNBUFFERED=1 RWFT_LOAD_PLUGINS="" RWFT_CACHE_DIR=/tmp/rwft-cache
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1

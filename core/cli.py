@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     console.print(f"[bold]rwft train[/bold] {cfg.model.backbone} ({'ImageNet' if cfg.model.pretrained else 'scratch'}, "
                   f"{cfg.model.mode}, adapter {cfg.model.adapter}) on {cfg.data.dataset} at {cfg.data.image_size}px "
                   f"-> {cfg.output_dir}")
-    result = train(cfg, resume=args.resume is not None)
+    result = train(cfg, resume=args.resume is not None, progress=sys.stderr.isatty())
     _print_metrics("test", result.metrics["test"])
     console.print(f"best epoch {result.metrics['best_epoch']}, threshold {result.metrics['threshold']:.3f} "
                   f"(chosen on validation)")

@@ -85,8 +85,7 @@ def test_killed_run_resumes_from_the_last_finished_epoch(tmp_path, pneumoniamnis
     args = [*QUICK, f"data.root={pneumoniamnist_npz}", "data.max_train_images=600", "train.epochs=3",
             f"output_dir={run_dir}"]
     command = [sys.executable, "-m", "rwft.core.cli", "train", *args]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env=os.environ | {"TQDM_DISABLE": "1"})
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not (run_dir / "last.pt").exists():
@@ -103,7 +102,7 @@ def test_killed_run_resumes_from_the_last_finished_epoch(tmp_path, pneumoniamnis
     steps_done = load_checkpoint(run_dir / "last.pt")["trainer"]["global_step"]
 
     resumed = subprocess.run([sys.executable, "-m", "rwft.core.cli", "train", "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=400, env=os.environ | {"TQDM_DISABLE": "1"})
+                             capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = load_checkpoint(run_dir / "last.pt")
     assert final["epoch"] == 3
