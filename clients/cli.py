@@ -1,0 +1,125 @@
+"""``rwft-client join``: take part in a federation as one hospital.
+
+``rwft-client join --site hospitalA --server HOST:PORT --data PATH`` first checks the
+site's data locally (images per class and split, unreadable files listed; an empty site
+is refused), then starts a Flower SuperNode that connects to the federation's SuperLink
+and serves rounds until Ctrl-C. The images never leave this machine; what does is
+listed in ``rwft.clients.app``. This site's own files go to ``--workdir`` (default
+``./rwft-site-NAME``): its TensorBoard log (``tb/``), the SuperNode's log and, with
+FedBN, its local layers.
+
+By default rounds run in this process, which keeps imports, decoded images and the model
+warm between rounds (``rwft.clients.worker``); ``--isolation subprocess`` uses Flower's
+default instead, a fresh process per message. Several sites can join from one machine:
+each picks a free local port for its SuperNode (``--port`` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+from rwft.core.errors import RwftError
+from rwft.core.federated import check_site_label
+from rwft.core.processes import ChildProcess, flower_env, free_port, interrupt_on_sigterm, split_address
+
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    interrupt_on_sigterm()
+    try:
+        return _join(args)
+    except RwftError as exc:
+        print(f"rwft-client: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rwft-client: left the federation", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwft-client", description=__doc__.split("\n")[0].replace("``", ""))
+    sub = parser.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="check this site's data, then serve a federation's rounds")
+    join.add_argument("--site", required=True, help="this site's label as the federation sees it: a pseudonym "
+                                                    "(letters, digits, . _ -), never a path")
+    join.add_argument("--server", required=True, metavar="HOST:PORT", help="the federation's SuperLink")
+    join.add_argument("--data", required=True, metavar="PATH", help="this site's X-rays: a folder "
+                      "(NORMAL/ and PNEUMONIA/, or train/val/test/ holding them) or a MedMNIST .npz")
+    join.add_argument("--dataset", help="dataset plugin reading --data (default: medmnist for .npz, else chest_xray)")
+    join.add_argument("--workdir", help="this site's own files (default ./rwft-site-SITE)")
+    join.add_argument("--image-size", type=int, default=64,
+                      help="size the data check decodes and caches at; use the federation's data.image_size")
+    join.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
+    join.add_argument("--threads", type=int, help="torch CPU threads for training at this site")
+    join.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
+                      help="warm: rounds run in this process (default); subprocess: Flower's fresh process per message")
+    return parser
+
+
+def _join(args: argparse.Namespace) -> int:
+    from rwft.clients.site import dataset_for_path
+    from rwft.core.sitecheck import check_site
+
+    label = check_site_label(args.site)
+    split_address(args.server)  # a malformed address fails here, not in the SuperNode's log
+    data = str(Path(args.data).expanduser().resolve())
+    dataset = args.dataset or dataset_for_path(data)
+    print(check_site(data, dataset, args.image_size).format(), flush=True)
+
+    work_dir = Path(args.workdir or f"rwft-site-{label}").resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    node_config = work_dir / "node-config.toml"  # a file: any path survives Flower's parsing
+    node_config.write_bytes(tomli_w.dumps({"site": label, "data-dir": data, "dataset": dataset,
+                                           "work-dir": str(work_dir)}).encode())
+    port = args.port or free_port(RUNTIME_HOST)
+    command = [sys.executable, "-m", "rwft.clients.supernode", "--insecure", "--superlink", args.server,
+               "--host", RUNTIME_HOST, "--port", str(port), "--node-config", str(node_config)]
+    extra_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    if args.isolation == "warm":
+        command += ["--isolation", "process"]
+    supernode = ChildProcess(f"site {label}'s SuperNode", command,
+                             env=flower_env(work_dir / "flower-home", **extra_env),
+                             log_file=work_dir / "supernode.log", cwd=work_dir)
+    print(f"rwft-client: site {label} connecting to {args.server} (SuperNode log: {supernode.log_file}); "
+          "Ctrl-C to leave", flush=True)
+    try:
+        supernode.wait_for_port(RUNTIME_HOST, port, timeout_s=120)
+        stop = threading.Event()
+        threading.Thread(target=_watch, args=(supernode, stop), daemon=True).start()
+        if args.isolation == "warm":
+            _serve_warm(f"{RUNTIME_HOST}:{port}", args.threads, stop)
+        else:
+            stop.wait()
+    finally:
+        supernode.stop()
+    raise RwftError(f"the SuperNode stopped (exit code {supernode.process.returncode}); its log "
+                    f"{supernode.log_file} ends with:\n{supernode.log_tail()}")
+
+
+def _serve_warm(runtime_address: str, threads: int | None, stop: threading.Event) -> None:
+    import torch
+    from rwft.clients.app import app
+    from rwft.clients.worker import serve
+
+    if threads:
+        torch.set_num_threads(threads)
+    serve(runtime_address, app, stop)
+
+
+def _watch(supernode: ChildProcess, stop: threading.Event) -> None:
+    """Report the node id once connected; set ``stop`` if the SuperNode exits."""
+    announced = False
+    while supernode.alive():
+        if not announced and "SuperNode ID:" in (text := supernode.log_tail(200)):
+            node_id = text.split("SuperNode ID:")[-1].split()[0]
+            print(f"rwft-client: joined the federation as node {node_id}; serving rounds", flush=True)
+            announced = True
+        stop.wait(1.0)
+    stop.set()

@@ -1,0 +1,160 @@
+"""A warm ClientApp executor: every task of a SuperNode runs in one long-lived process.
+
+With Flower's default isolation a SuperNode starts a new ``flwr-clientapp`` process for
+every message, twice per round (train, evaluate): Python, Flower, torch and timm imports
+take about 4 s on a 2-core machine, then the site's data and model are set up again.
+``rwft-client join`` instead starts the SuperNode with ``--isolation process`` and runs
+this loop beside it: it takes each ClientApp task from the SuperNode's runtime API, runs
+rwft's ClientApp here, where the imports, the decoded images and the built model stay
+warm (``rwft.clients.site``), and hands the reply back. It speaks the runtime API exactly
+as a ``flwr-clientapp`` process does (``flwr.supernode.runtime.run_clientapp``), one task
+at a time; only the wait for a message's weights is shorter (``rwft.core.flower_patches``).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import context_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.protobuf.client import ProtobufClientInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+from rwft.core.flower_patches import POLL_S, PULL_BACKOFF
+
+STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well within this
+
+
+def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) -> None:
+    """Run the SuperNode's ClientApp tasks with ``client_app`` until ``stop`` is set."""
+    acquirer = _runtime_client(runtime_address)
+    try:
+        while not stop.is_set():
+            try:
+                response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                if response.HasField("task") and response.token:
+                    run_task(runtime_address, response.token, client_app)
+                    continue
+            except httpx.HTTPError as exc:  # the SuperNode is restarting or gone (then ``stop`` is set)
+                print(f"rwft: lost the SuperNode's runtime API ({exc}); retrying", file=sys.stderr, flush=True)
+            stop.wait(POLL_S)
+    finally:
+        acquirer.close()
+
+
+def run_task(runtime_address: str, token: str, client_app: ClientApp) -> None:
+    """Pull one task's message and context, run ``client_app`` on it, push the reply and context."""
+    client = _runtime_client(runtime_address, RuntimeTokenHttpInterceptor(token))
+    heartbeat = HeartbeatSender(lambda: _send_heartbeat(client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, ""
+    try:
+        try:
+            message, context = _pull_task_input(client)
+        except (ObjectPullError, RuntimeError) as exc:
+            details = f"the task's message could not be read: {exc}"
+            print(f"rwft: skipped a task: {details}", file=sys.stderr, flush=True)
+            return
+        try:
+            reply = client_app(message=message, context=context)
+            status = SubStatus.COMPLETED
+        except Exception as exc:  # noqa: BLE001 - one failed task must not stop the site
+            # rwft's ClientApp printed its traceback here and reduced the error to its type
+            # (rwft.clients.app); this is what the server sees.
+            details = f"{type(exc).__name__}: {exc}"
+            print(f"rwft: the task failed: {details}", file=sys.stderr, flush=True)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        push_message(client, reply, context)
+    finally:
+        heartbeat.stop()
+        push_task_output(client, context, status, details)
+        client.close()
+
+
+def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
+    """``run_clientapp.pull_task_input``, waiting for the weights at ``POLL_S`` instead of 1 s, 2 s, ..."""
+    task_input = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = task_input.task_id
+    TaskIdentity.run_id = task_input.run.run_id
+    TaskIdentity.node_id = task_input.context.node_id
+    context = context_from_proto(task_input.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode handed out a task without a message")
+    tree = pulled.message_object_trees[0]
+    node = Node(node_id=context.node_id)
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        _stall_guard(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        **PULL_BACKOFF,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the content
+    return message, context
+
+
+def _stall_guard(pull: Callable[[str], bytes]) -> Callable[[str], bytes]:
+    """``pull``, giving up once no part of the message has arrived for ``STALL_S`` seconds.
+
+    The SuperNode hands out a task before it has the message's weights, and when the
+    SuperLink goes down mid-transfer (a server crash) Flower leaves that task behind with
+    weights that will never come. Abandoning it lets this site serve the resumed federation.
+    """
+    last_progress = time.monotonic()
+
+    def guarded(object_id: str) -> bytes:
+        nonlocal last_progress
+        try:
+            content = pull(object_id)
+        except ObjectUnavailableError:
+            if time.monotonic() - last_progress > STALL_S:
+                raise ObjectPullError(object_id, f"no part of the message arrived for {STALL_S:.0f} s") from None
+            raise
+        last_progress = time.monotonic()
+        return content
+
+    return guarded
+
+
+def _send_heartbeat(client: RuntimeHttpClient) -> bool:
+    try:
+        return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+    except httpx.HTTPError:
+        return False
+
+
+def _runtime_client(address: str, *interceptors: ProtobufClientInterceptor) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )

@@ -1,0 +1,114 @@
+"""Child processes of ``rwft-server``, ``rwft-client`` and ``rwft simulate``, and how they stop.
+
+Children (a SuperLink, a SuperNode) stay in the rwft command's process group: a Ctrl-C
+in the terminal reaches all of them at once and each shuts down gracefully, and a crash
+of the whole command (``kill -9`` of its group, a reboot) takes them down with it, as a
+crash should. ``stop`` ends one child by its pid, SIGTERM then SIGKILL; the helpers
+Flower starts (SuperExec, ServerApp processes) watch their parent and exit with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """The environment for Flower processes: this Python's scripts first on PATH (Flower
+    starts ``flower-superexec``, ``flwr-serverapp``... by name), a private ``FLWR_HOME``,
+    and no telemetry or update check (sites are often offline; both would wait on the network)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.update(extra)
+    return env
+
+
+def interrupt_on_sigterm() -> None:
+    """Let SIGTERM (``kill PID``, a service manager) shut down as cleanly as Ctrl-C does.
+
+    Python's default SIGTERM ends the process at once, leaving its children running.
+    """
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``; ``ValueError`` with the expected form otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT (for example 127.0.0.1:9092)")
+    return host.strip("[]"), int(port)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+
+
+class ChildProcess:
+    """A command this process started, its output appended to ``log_file``."""
+
+    def __init__(self, name: str, command: Sequence[str], *, env: dict[str, str], log_file: Path,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.log_file = log_file
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(list(command), env=env, cwd=cwd, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_for_port(self, host: str, port: int, timeout_s: float) -> None:
+        """Return once ``host:port`` accepts connections; ``RuntimeError`` naming the log otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while not port_open(host, port):
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}; see {self.log_file}:\n"
+                                   + self.log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not open {host}:{port} within {timeout_s:.0f} s; "
+                                   f"see {self.log_file}")
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the child, SIGKILL it if it is still there after ``timeout_s``."""
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()

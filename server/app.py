@@ -1,0 +1,146 @@
+"""The Flower ServerApp of a federation (``rwft.server.app:app``).
+
+It reads the run's config (``rwft.core.federated``), takes the strategy from the strategy
+registry, and runs the rounds (``rwft.server.rounds``). After round 0 (the starting
+weights) and after every round it scores the global model on the server's held-out
+data (``rwft.server.holdout``), commits the round to the run directory
+(``rwft.server.state``) and logs it (``rwft.server.central_view``). After the last round
+the sites score the final model, and the held-out test split is reported once. A resumed
+federation (``rwft-server start --resume``) goes on after its last committed round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from rwft.core.checkpoint import save_checkpoint, write_json
+from rwft.core.config import RwftConfig, to_container
+from rwft.core.engine import seed_everything
+from rwft.core.errors import RwftError
+from rwft.core.federated import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
+from rwft.core.flower_patches import patch_grid
+from rwft.core.model import build_model
+from rwft.core.plugins import Registries, get_registries
+from rwft.core.tblog import RunLogger
+from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
+from rwft.server.holdout import Holdout
+from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
+from rwft.server.state import FederationState, arrays_of, commit, load_state, restore_strategy, strategy_state
+
+# Both built-in datasets name their classes so; a server without held-out data has no other source.
+DEFAULT_CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    patch_grid()
+    run_federation(grid, context.run_config)
+
+
+def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Strategy:
+    """The strategy ``federation.strategy`` names, with the sampling every strategy shares."""
+    federation = cfg.federation
+    common = {
+        "fraction_train": federation.fraction,
+        "fraction_evaluate": 1.0,  # every site scores the global model on its validation split
+        "min_train_nodes": max(1, math.ceil(federation.fraction * federation.min_sites)),
+        "min_evaluate_nodes": federation.min_sites,
+        "min_available_nodes": federation.min_sites,
+    }
+    return (registries or get_registries()).strategies.get(federation.strategy).factory(cfg, **common)
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None) -> ArrayRecord:
+    """Run (or resume) the federation ``run_config`` describes; returns the final global weights."""
+    cfg = config_from_run(run_config)
+    federation = Federation(cfg, int(run_config[NUM_CLASSES_KEY]), make_strategy(cfg, registries))
+    with federation.logger:
+        state = load_state(federation.run_dir)
+        if run_config.get(RESUME_KEY):
+            if state is None:
+                raise RwftError(f"nothing to resume in {federation.run_dir}: no round was completed. "
+                                "Start it afresh.")
+            restore_strategy(federation.strategy, state.strategy)
+            federation.history = state.history
+            arrays, first_round = state.array_record(), state.round + 1
+            print(f"rwft: resuming after round {state.round} of {cfg.federation.rounds}", flush=True)
+        elif state is not None:
+            raise RwftError(f"{federation.run_dir} already holds a federation at round {state.round}: resume "
+                            "it, or choose a new output_dir.")
+        else:
+            arrays, first_round = shared_arrays(federation.model, cfg.federation.local_bn), 1
+            federation.commit(0, arrays, None)
+        arrays = run_rounds(
+            grid, federation.strategy, arrays, first_round=first_round, last_round=cfg.federation.rounds,
+            min_sites=cfg.federation.min_sites, wait_timeout_s=cfg.federation.wait_timeout_s,
+            round_timeout_s=cfg.federation.round_timeout_s,
+            on_round=lambda result: federation.commit(result.round, result.arrays, result),
+        )
+        federation.finish(evaluate_model(grid, federation.strategy, cfg.federation.rounds, arrays,
+                                         cfg.federation.round_timeout_s), arrays)
+    return arrays
+
+
+class Federation:
+    """The server's side of one federation: its global model, records, checkpoints and logs."""
+
+    def __init__(self, cfg: RwftConfig, num_classes: int, strategy: Strategy) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.strategy = strategy
+        seed_everything(cfg.seed)  # the same starting head, hence the same round 0, on every run
+        self.model = build_model(cfg.model, num_classes)
+        self.holdout = Holdout.load(cfg, self.model) if cfg.federation.server_eval else None
+        self.class_names = self.holdout.splits.class_names if self.holdout else DEFAULT_CLASS_NAMES
+        self.history: list[dict[str, Any]] = []
+        self.logger = RunLogger(self.run_dir / "tb")
+
+    def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None) -> None:
+        """Score, checkpoint, then log round ``server_round`` (``result`` is ``None`` for round 0)."""
+        record = round_record(server_round, self.holdout.evaluate(arrays) if self.holdout else {}, result)
+        if result is not None and self.history:  # the sites' scores of the previous round's model
+            attach_evaluation(self.history[-1], result.previous_model)
+        self.history.append(record)
+        load_shared(self.model, arrays, self.cfg.federation.local_bn)
+        commit(self.run_dir, FederationState(server_round, arrays_of(arrays), strategy_state(self.strategy),
+                                             self.history), self._checkpoint(server_round, threshold=0.5))
+        # Logged after the commit: a crash in between loses points of the curves, never
+        # duplicates them (a resumed federation does not repeat a committed round).
+        log_round(self.logger, record)
+        if result is not None:
+            log_evaluation(self.logger, result.previous_model)
+        previous = result.previous_model if result is not None else None
+        print(f"rwft: {round_summary(record, self.cfg.federation.rounds, previous)}", flush=True)
+
+    def finish(self, evaluation: Evaluation, arrays: ArrayRecord) -> None:
+        """Record the sites' scores of the final model and the held-out test report."""
+        attach_evaluation(self.history[-1], evaluation)
+        log_evaluation(self.logger, evaluation)
+        metrics: dict[str, Any] = {"rounds": self.history, "complete": True}
+        if self.holdout is not None:
+            final = self.holdout.final_report(arrays)
+            metrics["final"] = final
+            save_checkpoint(self.run_dir / "model.pt", self._checkpoint(self.cfg.federation.rounds,
+                                                                        threshold=final["threshold"]))
+            self.logger.scalars({k: v["value"] for k, v in final["test"].items() if isinstance(v, dict)},
+                                self.cfg.federation.rounds, prefix="test")
+            print(f"rwft: held-out test AUROC {final['test']['auroc']['value']:.3f} (threshold "
+                  f"{final['threshold']:.3f} chosen on validation)", flush=True)
+        write_json(self.run_dir / "metrics.json", metrics)
+        if "auroc" in evaluation.aggregate:
+            print(f"rwft: final model on the sites' validation splits: AUROC {evaluation.aggregate['auroc']:.3f}",
+                  flush=True)
+
+    def _checkpoint(self, server_round: int, *, threshold: float) -> dict[str, Any]:
+        """The global model in ``rwft.core.run``'s checkpoint format, so that ``rwft evaluate`` reads it."""
+        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                "config": to_container(self.cfg), "class_names": list(self.class_names), "round": server_round,
+                "epoch": server_round, "val": {}, "threshold": threshold}

@@ -1,0 +1,140 @@
+"""``rwft-server``: run the coordinating side of a federation.
+
+``rwft-server start --config EXP.yaml [key=value ...]`` starts a SuperLink for the
+federation (its state in the run directory, serving ``federation.address``), shows
+the sites as they join, waits for ``federation.min_sites`` (at most
+``federation.wait_timeout_s``), submits the run, streams its progress and says where
+the model, the metrics and the TensorBoard logs are. ``--resume RUN_DIR`` continues a
+federation after its last completed round, for example after a crash.
+
+``rwft-server status [RUN_DIR]`` shows the rounds completed and the sites online.
+
+Ctrl-C stops the run and the SuperLink; continue later with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rwft.core.config import RwftConfig, load_config
+from rwft.core.errors import RwftError
+from rwft.core.processes import interrupt_on_sigterm, port_open, split_address
+from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    interrupt_on_sigterm()
+    try:
+        return int(args.handler(args))
+    except RwftError as exc:
+        print(f"rwft-server: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwft-server", description=__doc__.split("\n")[0].replace("``", ""))
+    sub = parser.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="start (or resume) a federation and run it to the end")
+    start.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=10")
+    start.add_argument("--config", metavar="EXP.yaml", help="experiment file (only what differs from the defaults)")
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue the federation in RUN_DIR after its last "
+                                                          "completed round (its config.yaml, then the overrides)")
+    start.set_defaults(handler=_start)
+    status = sub.add_parser("status", help="rounds completed and sites online")
+    status.add_argument("run_dir", nargs="?", default="runs/latest", help="the federation's run directory")
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _start(args: argparse.Namespace) -> int:
+    from rwft.server.launch import prepare_federation
+
+    cfg, run_config = prepare_federation(_config(args), resume=args.resume is not None)
+    run_dir = Path(cfg.output_dir)
+    superlink = start_superlink(run_dir, cfg.federation.address)
+    flwr = FlowerCli(run_dir, cfg.federation.address)
+    try:
+        print(f"rwft-server: SuperLink serving {cfg.federation.address} (its state: {run_dir / 'superlink'})",
+              flush=True)
+        _wait_for_sites(flwr, cfg)
+        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config))
+        print(f"rwft-server: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)
+        flwr.stream_logs(run_id)
+        status = flwr.run_status(run_id)
+    except KeyboardInterrupt:
+        print(f"\nrwft-server: stopped. Continue with: rwft-server start --resume {run_dir}", file=sys.stderr)
+        raise
+    finally:
+        superlink.stop()
+    if status != "finished:completed":
+        print(f"rwft-server: the run ended as {status} (its log is above). Continue it with: "
+              f"rwft-server start --resume {run_dir}", file=sys.stderr)
+        return 1
+    print(f"rwft-server: done.\n  global model: {run_dir / 'model.pt'}  (rwft evaluate {run_dir / 'model.pt'})\n"
+          f"  metrics:      {run_dir / 'metrics.json'}\n"
+          f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> RwftConfig:
+    if args.resume is None:
+        return load_config(args.config, args.overrides)
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise RwftError(f"{args.resume} has no config.yaml: pass the run directory of a federation.")
+    return load_config(args.config or saved, [*args.overrides, f"output_dir={args.resume}"])
+
+
+def _wait_for_sites(flwr: FlowerCli, cfg: RwftConfig) -> None:
+    """Show sites as they join; return at ``min_sites``, ``RwftError`` after ``wait_timeout_s``."""
+    federation = cfg.federation
+    host, port = split_address(federation.address)
+    reachable_as = f"{'SERVER_HOST' if host in ('0.0.0.0', '') else host}:{port}"
+    print(f"rwft-server: waiting for {federation.min_sites} site(s), at most {federation.wait_timeout_s:.0f} s. "
+          f"Each hospital runs:\n  rwft-client join --site NAME --server {reachable_as} --data PATH", flush=True)
+    deadline = time.monotonic() + federation.wait_timeout_s
+    seen: set[int] = set()
+    while True:
+        online = flwr.node_ids()
+        for node_id in sorted(set(online) - seen):
+            seen.add(node_id)
+            print(f"rwft-server: site joined (node {node_id}); {len(online)} of {federation.min_sites} online",
+                  flush=True)
+        if len(online) >= federation.min_sites:
+            return
+        if time.monotonic() > deadline:
+            raise RwftError(f"only {len(online)} of federation.min_sites={federation.min_sites} site(s) joined "
+                            f"within federation.wait_timeout_s={federation.wait_timeout_s:.0f} s. Check that the "
+                            f"sites reach {reachable_as}, or lower federation.min_sites.")
+        time.sleep(1.0)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rwft.server.central_view import round_summary
+    from rwft.server.state import federation_id, load_state
+
+    run_dir = Path(args.run_dir).resolve()
+    fid = federation_id(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    state = load_state(run_dir)
+    done = state.round if state else 0
+    print(f"federation {fid} ({cfg.federation.strategy}) in {run_dir}: "
+          f"{done} of {cfg.federation.rounds} rounds completed")
+    for record in state.history if state else []:
+        print("  " + round_summary(record, cfg.federation.rounds))
+    host, port = split_address(cfg.federation.address)
+    if port_open(host, port):
+        online = FlowerCli(run_dir, cfg.federation.address).node_ids()
+        print(f"SuperLink at {cfg.federation.address} is up; {len(online)} site(s) online"
+              + (f": nodes {', '.join(map(str, online))}" if online else ""))
+    else:
+        print(f"SuperLink at {cfg.federation.address} is not running"
+              + (f"; continue with: rwft-server start --resume {run_dir}" if done < cfg.federation.rounds else ""))
+    return 0

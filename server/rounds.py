@@ -1,0 +1,186 @@
+"""The federated rounds: Flower's strategy methods, one exchange per round, from any round.
+
+Each round calls the strategy as ``Strategy.start`` does (``configure_train`` -> replies ->
+``aggregate_train``), so every ``flwr.serverapp.strategy`` works unchanged. Three things
+differ, and are why this loop exists:
+
+- **One exchange per round.** ``Strategy.start`` follows every training exchange with an
+  evaluation exchange that sends the new global model to every site again. Here the
+  training message does both: a site first scores the model it receives on its
+  validation split, then trains (``rwft.clients.app``). So round r's replies carry the
+  sites' scores of round r-1's global model, and after the last round one evaluation
+  exchange (``evaluate_model``, the strategy's ``configure_evaluate``/``aggregate_evaluate``)
+  scores the final model. Every round moves the model down once instead of twice.
+- **It starts at any round.** A resumed federation goes on at the round after its last
+  checkpoint, with the real round number (FedAdam's bias correction depends on it).
+- **No idle waits.** It polls for replies every ``POLL_S`` seconds, where
+  ``Grid.send_and_receive`` sleeps 3 s (``rwft.core.flower_patches`` has the other waits).
+
+It also refuses to wait forever: before each round it waits at most
+``federation.wait_timeout_s`` for ``federation.min_sites`` sites (Flower's node sampling
+would wait silently without end), and a round goes on with the replies it has after
+``federation.round_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from rwft.core.errors import RwftError
+from rwft.core.federated import RECEIVED_PREFIX, SITE_LABEL, update_norm
+from rwft.core.flower_patches import POLL_S
+
+
+class FederationError(RwftError):
+    """The federation cannot go on (too few sites, every reply failed)."""
+
+
+@dataclass
+class Evaluation:
+    """How the sites scored one round's global model on their validation splits."""
+
+    round: int
+    sites: dict[str, dict[str, float]]  # site label -> its scores
+    aggregate: dict[str, float]  # weighted by each site's number of validation images
+
+
+@dataclass
+class SiteResult:
+    """What one site reported about its training in one round (numbers only, see ``rwft.clients.app``)."""
+
+    label: str
+    node_id: int
+    train: dict[str, float] = field(default_factory=dict)  # loss, examples, steps
+    local_val: dict[str, float] = field(default_factory=dict)  # its validation split after its training
+    update_l2: float | None = None  # ||site weights - global weights sent||
+    error: str = ""  # why its reply failed, if it did
+
+
+@dataclass
+class RoundResult:
+    round: int
+    arrays: ArrayRecord  # the new global weights
+    train: dict[str, float]  # the strategy's aggregate of the train metrics
+    sites: list[SiteResult]
+    previous_model: Evaluation  # the sites' scores of the model they received (round - 1's)
+    seconds: float
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    last_round: int,
+    min_sites: int,
+    wait_timeout_s: float,
+    round_timeout_s: float,
+    on_round: Callable[[RoundResult], None],
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts."""
+    for server_round in range(first_round, last_round + 1):
+        started = time.monotonic()
+        wait_for_sites(grid, min_sites, wait_timeout_s)
+        sites: dict[int, SiteResult] = {}
+        received: dict[str, dict[str, float]] = {}
+        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                           round_timeout_s)
+        for reply in replies:
+            site = _site(sites, reply)
+            if reply.has_error():
+                site.error = reply.error.reason or f"error code {reply.error.code}"
+                continue
+            for key, value in _numbers(reply.content.metric_records).items():
+                if key.startswith(RECEIVED_PREFIX):
+                    received.setdefault(site.label, {})[key.removeprefix(RECEIVED_PREFIX)] = value
+                elif key.startswith("val-"):
+                    site.local_val[key.removeprefix("val-")] = value
+                else:
+                    site.train[key.removeprefix("train-")] = value
+            if "arrays" in reply.content:
+                site.update_l2 = update_norm(arrays, reply.content["arrays"])
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise FederationError(f"round {server_round}: no usable training reply; site errors: "
+                                  + "; ".join(f"{s.label}: {s.error}" for s in sites.values() if s.error))
+        arrays = new_arrays
+        on_round(RoundResult(server_round, arrays, _floats(train_metrics),
+                             sorted(sites.values(), key=lambda s: s.label),
+                             Evaluation(server_round - 1, received, _weighted_mean(received)),
+                             time.monotonic() - started))
+    return arrays
+
+
+def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord,
+                   timeout_s: float) -> Evaluation:
+    """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits."""
+    scores: dict[int, SiteResult] = {}
+    sites: dict[str, dict[str, float]] = {}
+    replies = exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout_s)
+    for reply in replies:
+        if not reply.has_error():
+            sites[_site(scores, reply).label] = _numbers(reply.content.metric_records)
+    return Evaluation(server_round, sites, _floats(strategy.aggregate_evaluate(server_round, replies)))
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[Message]:
+    """Send ``messages`` and collect the replies that arrive within ``timeout_s``."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if pending:
+            time.sleep(POLL_S)
+    return replies
+
+
+def wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> None:
+    """Return once ``min_sites`` sites are connected; ``FederationError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (connected := len(list(grid.get_node_ids()))) < min_sites:
+        if time.monotonic() >= deadline:
+            raise FederationError(f"only {connected} of federation.min_sites={min_sites} sites are connected "
+                                  f"after {timeout_s:.0f} s (federation.wait_timeout_s). Start the missing sites "
+                                  "(`rwft-client join`) and resume the federation, or lower federation.min_sites.")
+        time.sleep(1.0)
+
+
+def _site(sites: dict[int, SiteResult], reply: Message) -> SiteResult:
+    node_id = reply.metadata.src_node_id
+    if node_id not in sites:
+        label = ""
+        if not reply.has_error() and "site" in reply.content.config_records:
+            label = str(reply.content.config_records["site"].get("label", ""))
+        # The label becomes a TensorBoard tag: anything but a valid pseudonym is replaced by the node id.
+        sites[node_id] = SiteResult(label if SITE_LABEL.match(label) else f"node-{node_id}", node_id)
+    return sites[node_id]
+
+
+def _weighted_mean(sites: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each score averaged over the sites, weighted by their validation images (NaN scores left out)."""
+    mean: dict[str, float] = {}
+    for key in sorted({key for scores in sites.values() for key in scores} - {"num-examples"}):
+        pairs = [(scores[key], scores.get("num-examples", 1.0)) for scores in sites.values()
+                 if not math.isnan(scores.get(key, math.nan))]
+        if pairs and sum(weight for _, weight in pairs) > 0:
+            mean[key] = sum(value * weight for value, weight in pairs) / sum(weight for _, weight in pairs)
+    return mean
+
+
+def _numbers(records: Mapping[str, MetricRecord]) -> dict[str, float]:
+    return {key: value for record in records.values() for key, value in _floats(record).items()}
+
+
+def _floats(record: MetricRecord | None) -> dict[str, float]:
+    """The record's numbers (lists, which rwft's sites never send, are left out)."""
+    return {key: float(value) for key, value in (record or {}).items() if isinstance(value, (int, float))}

@@ -1,0 +1,99 @@
+"""``rwft simulate``: a federation of simulated hospitals on one machine, on Flower's simulation engine.
+
+``rwft simulate --config EXP.yaml --sites 3 --partition dirichlet:0.5 [key=value ...]``
+splits one dataset's train split into sites (``federation.sites``, ``federation.partition``,
+seeded by ``seed``; the class counts per site are printed first), keeps its validation
+and test splits for the server's held-out evaluation, and runs the same ServerApp and
+ClientApp as a real federation (``rwft.server.app``, ``rwft.clients.app``) on Flower's
+simulation engine: a SuperLink in simulation mode, the sites as Ray actors that stay
+warm from round to round. Ray stays small: ``--cpus`` cores (default: all), each site
+with an equal share and, on a GPU machine, one whole GPU, so that simulated sites never
+share a GPU's memory (out-of-memory is the classic failure of Ray simulations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rwft.core.config import RwftConfig, load_config
+from rwft.core.data import load_splits
+from rwft.core.errors import RwftError
+from rwft.core.partition import describe_partition, partition_indices
+from rwft.core.processes import free_port, interrupt_on_sigterm
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of ``rwft simulate`` (``rwft.core.cli`` hands it the arguments)."""
+    args = _parser().parse_args(list(argv))
+    interrupt_on_sigterm()
+    try:
+        return simulate(_config(args), cpus=args.cpus)
+    except RwftError as exc:
+        print(f"rwft simulate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rwft simulate", description=__doc__.split("\n")[0].replace("``", ""))
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5")
+    parser.add_argument("--config", metavar="EXP.yaml", help="experiment file (only what differs from the defaults)")
+    parser.add_argument("--sites", type=int, help="simulated hospitals (federation.sites)")
+    parser.add_argument("--partition", help="iid, dirichlet:ALPHA or quantity:ALPHA (federation.partition)")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU cores Ray may use")
+    return parser
+
+
+def _config(args: argparse.Namespace) -> RwftConfig:
+    overrides = list(args.overrides)
+    if args.sites is not None:
+        overrides.append(f"federation.sites={args.sites}")
+    if args.partition is not None:
+        overrides.append(f"federation.partition={args.partition}")
+    cfg = load_config(args.config, overrides)
+    # Simulated sites are always online: the federation waits for all of them.
+    return load_config(args.config, [*overrides, f"federation.min_sites={cfg.federation.sites}"])
+
+
+def simulate(cfg: RwftConfig, *, cpus: int) -> int:
+    """Run the simulated federation ``cfg`` describes; 0 when it completed."""
+    import torch
+    from rwft.server.launch import prepare_federation
+    from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
+
+    sites = cfg.federation.sites
+    splits = load_splits(cfg)
+    parts = partition_indices(splits.train.labels, sites, cfg.federation.partition, cfg.seed)
+    print(f"rwft simulate: {sites} sites from {splits.source} ({cfg.federation.partition}, seed {cfg.seed}); "
+          f"training images per site and class (each site keeps {cfg.data.val_fraction:.0%} for validation):\n"
+          + describe_partition(parts, splits.train.labels, splits.class_names), flush=True)
+
+    cfg, run_config = prepare_federation(cfg, resume=False)
+    run_dir = Path(cfg.output_dir)
+    address = f"127.0.0.1:{free_port()}"
+    gpus = 1.0 if torch.cuda.is_available() else 0.0
+    federation_config = [f"num-supernodes={sites}", f"client-resources-num-cpus={max(1, cpus // sites)}",
+                         f"client-resources-num-gpus={gpus}", f"init-args-num-cpus={cpus}",
+                         f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}"]
+    superlink = start_superlink(run_dir, address, simulation=True)
+    flwr = FlowerCli(run_dir, address)
+    try:
+        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config), federation_config)
+        print(f"rwft simulate: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}",
+              flush=True)
+        flwr.stream_logs(run_id)
+        status = flwr.run_status(run_id)
+    finally:
+        superlink.stop()
+    if status != "finished:completed":
+        print(f"rwft simulate: the run ended as {status}; its log is above and in {run_dir / 'superlink'}",
+              file=sys.stderr)
+        return 1
+    print(f"rwft simulate: done.\n  global model: {run_dir / 'model.pt'}\n  metrics:      {run_dir / 'metrics.json'}\n"
+          f"  TensorBoard:  tensorboard --logdir {run_dir}")
+    return 0

@@ -1,0 +1,118 @@
+"""The server's record of a federation, written after every round so that a crash loses no round.
+
+A federation lives in its run directory (``output_dir``)::
+
+    config.yaml          the resolved config it was started with
+    federation.json      its id (sites key their FedBN weights by it) and round target
+    state.pt             the resume point: last completed round, global weights, strategy state,
+                         per-round history. Written atomically and last: it is the commit.
+    model.pt             the latest global model as an rwft checkpoint (``rwft evaluate RUN_DIR/model.pt``)
+    metrics.json         the per-round history and, at the end, the held-out test report
+    tb/                  the central TensorBoard log
+
+A round is complete once ``state.pt`` names it. A crash before that (``kill -9`` in the
+middle of writing ``model.pt``) resumes at the round before, so the round is run again,
+never lost and never counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import Strategy
+from rwft.core.checkpoint import atomic_write_bytes, save_checkpoint, write_json
+from rwft.core.errors import RwftError
+
+STATE_FILE = "state.pt"
+FEDERATION_FILE = "federation.json"
+
+
+@dataclass
+class FederationState:
+    """Everything needed to continue a federation after its last completed round."""
+
+    round: int
+    arrays: dict[str, np.ndarray]  # the global weights that travel (rwft.core.federated)
+    strategy: dict[str, Any]  # see strategy_state
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per completed round, 0 first
+
+    def array_record(self) -> ArrayRecord:
+        return ArrayRecord({name: Array(value) for name, value in self.arrays.items()})
+
+
+def create_federation(run_dir: Path) -> str:
+    """Start a new federation in ``run_dir``; returns its id.
+
+    Refuses a directory whose federation completed a round (that one is resumed, not
+    overwritten); one that never got that far is started again under its id.
+    """
+    file = run_dir / FEDERATION_FILE
+    if (run_dir / STATE_FILE).exists():
+        raise RwftError(f"{run_dir} already holds a federation. Continue it with `--resume {run_dir}`, "
+                        "or choose a new output_dir=...")
+    if file.is_file():
+        return federation_id(run_dir)
+    new_id = uuid.uuid4().hex
+    write_json(file, {"id": new_id})
+    return new_id
+
+
+def federation_id(run_dir: Path) -> str:
+    """The id of the federation in ``run_dir`` (``RwftError`` if there is none)."""
+    file = run_dir / FEDERATION_FILE
+    if not file.is_file():
+        raise RwftError(f"{run_dir} holds no federation ({FEDERATION_FILE} is missing): pass the run "
+                        "directory a federation was started in.")
+    return str(json.loads(file.read_text())["id"])
+
+
+def load_state(run_dir: Path) -> FederationState | None:
+    """The last committed state in ``run_dir``, or ``None`` if no round 0 was committed yet."""
+    file = run_dir / STATE_FILE
+    if not file.is_file():
+        return None
+    payload = torch.load(file, map_location="cpu", weights_only=False)
+    return FederationState(payload["round"], payload["arrays"], payload["strategy"], payload["history"])
+
+
+def commit(run_dir: Path, state: FederationState, model_checkpoint: dict[str, Any]) -> None:
+    """Write the round's model and history, then ``state.pt`` (the commit point), each atomically."""
+    save_checkpoint(run_dir / "model.pt", model_checkpoint)
+    write_json(run_dir / "metrics.json", {"rounds": state.history})
+    payload = {"round": state.round, "arrays": state.arrays, "strategy": state.strategy, "history": state.history}
+    atomic_write_bytes(run_dir / STATE_FILE, lambda handle: torch.save(payload, handle))
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: np.array(array.numpy(), copy=True) for name, array in record.items()}
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What a strategy learns across rounds: its attributes that hold arrays.
+
+    Flower's strategies keep their configuration in plain attributes (rebuilt from the
+    config on resume) and what they learn in numpy arrays or dicts of them (FedAdam's and
+    FedYogi's moments ``m_t``/``v_t``, FedAvgM's momentum). Those are saved, by attribute name.
+    """
+    return {name: value for name, value in vars(strategy).items() if _holds_arrays(value)}
+
+
+def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(strategy, name, value)
+
+
+def _holds_arrays(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    if isinstance(value, (dict, list)) and value:
+        items = value.values() if isinstance(value, dict) else value
+        return all(isinstance(item, np.ndarray) for item in items)
+    return False

@@ -1,0 +1,80 @@
+"""The ServerApp's federation, in one process: what it writes after each round, how it resumes,
+and that its model is an ordinary rwft checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from federation_helpers import TINY, in_process_federation
+from inprocess_grid import InProcessGrid
+from rwft.clients.app import app as client_app
+from rwft.core.config import load_config
+from rwft.core.errors import RwftError
+from rwft.core.run import evaluate
+from rwft.server.app import run_federation
+from rwft.server.launch import prepare_federation
+from rwft.server.state import load_state
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, pneumoniamnist_npz):
+    tmp = tmp_path_factory.mktemp("server-app")
+    in_process_federation(tmp, pneumoniamnist_npz, ["federation.rounds=2"])
+    return tmp / "run"
+
+
+@pytest.mark.timeout(300)
+def test_every_round_is_committed_with_the_sites_scores_of_its_model(finished):
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert metrics["complete"] and [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    for record in metrics["rounds"]:  # round 0 included: the sites scored the starting model too
+        assert set(record["global"]) == {"auroc", "accuracy", "sensitivity", "specificity", "loss"}
+        assert {name: set(site["val"]) >= {"auroc", "num-examples"} for name, site in record["sites"].items()} \
+            == {"site-0": True, "site-1": True}
+        assert set(record["evaluate"]) >= {"auroc", "accuracy"}
+    assert metrics["final"]["test"]["num_examples"] == 624  # PneumoniaMNIST's official test split
+    assert load_state(finished).round == 2
+
+
+def test_the_central_tensorboard_log_reads_back(finished):
+    events = EventAccumulator(str(finished / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"global/auroc", "federation/participating_sites", "federation/evaluate/auroc",
+            "site/site-0/val/auroc", "site/site-1/update_l2", "site/site-0/train/loss", "test/auroc"} <= scalars
+    assert [e.step for e in events.Scalars("site/site-0/val/auroc")] == [0, 1, 2]
+    assert all(e.value > 0 for e in events.Scalars("site/site-1/update_l2"))
+
+
+def test_the_global_model_is_an_rwft_checkpoint(finished):
+    report = evaluate(str(finished / "model.pt"), [], split="test")
+    assert report["num_examples"] == 624 and 0.0 <= report["auroc"]["value"] <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_federation_continues_after_its_last_round(tmp_path, pneumoniamnist_npz):
+    base = [*TINY, "data.max_train_images=300", "train.max_steps_per_epoch=2", f"data.root={pneumoniamnist_npz}",
+            f"output_dir={tmp_path / 'run'}", "federation.strategy=fedadam", "federation.server_lr=0.001",
+            "federation.server_eval=false"]
+    nodes = {10 + i: {"partition-id": i, "num-partitions": 2} for i in range(2)}
+    _, run_config = prepare_federation(load_config(None, [*base, "federation.rounds=1"]), resume=False)
+    run_federation(InProcessGrid(client_app, nodes, run_config), run_config)
+    after_one = load_state(tmp_path / "run")
+
+    with pytest.raises(RwftError, match="already holds a federation"):
+        run_federation(InProcessGrid(client_app, nodes, run_config), run_config)
+
+    _, resumed = prepare_federation(load_config(None, [*base, "federation.rounds=3"]), resume=True)
+    grid = InProcessGrid(client_app, nodes, resumed)
+    run_federation(grid, resumed)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3]
+    assert metrics["rounds"][1]["finished_at"] == after_one.history[1]["finished_at"]  # not run again
+    assert {m.content["config"]["server-round"] for m in grid.instructions if m.metadata.message_type == "train"} \
+        == {2, 3}
+    # Round 2 started from round 1's committed global weights.
+    sent = next(m for m in grid.instructions if m.metadata.message_type == "train")
+    np.testing.assert_array_equal(sent.content["arrays"]["weights"].numpy(), after_one.arrays["weights"])
