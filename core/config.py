@@ -65,7 +65,7 @@ class FederationConfig:
     fraction: float = 1.0  # fraction of sites sampled for training each round
     local_bn: bool = False  # FedBN: BatchNorm statistics and affine parameters stay at each site
     proximal_mu: float = 0.01  # FedProx's proximal-term weight (used by strategy=fedprox)
-    server_lr: float = 0.1  # server-side learning rate of adaptive strategies (fedadam, fedyogi)
+    server_lr: float = 0.001  # server step of fedadam/fedyogi: Adam moves every weight by about this much per round
     trimmed_beta: float = 0.2  # fraction trimmed at each end by fedtrimmedavg
     krum_byzantine: int = 0  # sites Krum assumes may be malicious
     address: str = "127.0.0.1:9092"  # host:port the SuperLink serves (sites, flwr CLI); 0.0.0.0:PORT for remote sites

@@ -13,7 +13,7 @@
   ``rwft.server.rounds``, does not use it).
 
 On loopback these waits, not training, were most of a round
-(``benchmarks/RESULTS_federated.md``). Each is capped at ``POLL_S``.
+(``benchmarks/RESULTS.md``). Each is capped at ``POLL_S``.
 
 **A reply left behind.** The SuperNode pushes replies only right after it has pulled a
 message, and then all replies it has. When the server dies while a message is on its

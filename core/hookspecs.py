@@ -84,8 +84,14 @@ def register_strategies(register: Register) -> None:
     - ``common`` holds the keyword arguments every Flower strategy accepts that the
       server computes for the run (``fraction_train``, ``fraction_evaluate``,
       ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``): pass them on.
-    - Returns a Flower strategy from ``flwr.serverapp.strategy`` (or a subclass); the
-      server drives it with ``strategy.start(...)``.
+    - Returns a Flower strategy from ``flwr.serverapp.strategy`` (or a subclass). The
+      rwft server drives it round by round itself (``configure_train`` and
+      ``aggregate_train`` every round, ``configure_evaluate`` and ``aggregate_evaluate``
+      once after the last), so that each round can be committed to disk and resumed;
+      array-valued attributes of the strategy (FedAdam's ``m_t``/``v_t``) are
+      checkpointed with the round. Aggregation sees the model as flat float32 vectors
+      (weights, BatchNorm statistics), so a strategy must work coordinate-wise or on
+      whole vectors, as all of Flower's built-in ones do.
     - If the strategy needs the client to do something different (FedProx's proximal
       term), it reads the same config on the client; strategies never add new message
       contents beyond arrays and scalar metrics/config values.
