@@ -13,7 +13,7 @@ between rounds in array attributes (FedAdam's moments) is checkpointed and resum
 - ``fedadam`` / ``fedyogi``: FedAvg's mean used as a pseudo-gradient for a server-side
   Adam / Yogi step (Reddi et al. 2021); ``federation.server_lr`` is the server step size,
   about the change of every weight per round, so fine-tuning wants it small (1e-3).
-  BatchNorm's running statistics are averaged, not stepped (``AveragedStatisticsMixin``).
+  BatchNorm's running statistics are averaged, not stepped (``rwft.server.server_optimisers``).
 - ``fedmedian``: coordinate-wise median (Yin et al. 2018), robust to an outlier site.
 - ``fedtrimmedavg``: coordinate-wise mean after trimming ``federation.trimmed_beta`` of
   the values at each end.
@@ -23,74 +23,57 @@ between rounds in array attributes (FedAdam's moments) is checkpointed and resum
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 from rwft.core.config import RwftConfig
-from rwft.core.federated import STATISTICS_KEY
 from rwft.core.hookspecs import Register, hookimpl
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+
+# Flower is imported inside each factory, when a federation builds its strategy: listing
+# or loading plugins (``rwft train``, ``rwft plugins``) then needs no Flower at all.
 
 
 def fedavg(config: RwftConfig, **common: Any) -> Strategy:
+    from flwr.serverapp.strategy import FedAvg
+
     return FedAvg(**common)
 
 
 def fedprox(config: RwftConfig, **common: Any) -> Strategy:
+    from flwr.serverapp.strategy import FedProx
+
     return FedProx(proximal_mu=config.federation.proximal_mu, **common)
 
 
-class AveragedStatisticsMixin:
-    """Server optimisers step on weights; BatchNorm's running statistics are averaged instead.
-
-    FedAdam and FedYogi move every array by about ``eta`` per round whatever its scale:
-    a running variance of 1e-4 then turns negative and the model outputs NaN. Statistics
-    are measurements, not parameters, so they take FedAvg's weighted mean. The result is
-    also cast back to the sites' dtype (Flower's optimisers return float64, which would
-    double every later message).
-    """
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        stepped, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        if stepped is None:
-            return stepped, metrics
-        averaged, _ = FedAvg.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
-        dtypes = {key: array.numpy().dtype for key, array in averaged.items()}  # type: ignore[union-attr]
-        result = ArrayRecord({key: Array(stepped[key].numpy().astype(dtypes[key])) for key in stepped.keys()})
-        if STATISTICS_KEY in result:
-            result[STATISTICS_KEY] = averaged[STATISTICS_KEY]  # type: ignore[index]
-        return result, metrics
-
-
-class RwftFedAdam(AveragedStatisticsMixin, FedAdam):
-    """FedAdam with BatchNorm statistics averaged (``AveragedStatisticsMixin``)."""
-
-
-class RwftFedYogi(AveragedStatisticsMixin, FedYogi):
-    """FedYogi with BatchNorm statistics averaged (``AveragedStatisticsMixin``)."""
-
-
 def fedadam(config: RwftConfig, **common: Any) -> Strategy:
+    from rwft.server.server_optimisers import RwftFedAdam
+
     return RwftFedAdam(eta=config.federation.server_lr, eta_l=config.train.lr, **common)
 
 
 def fedyogi(config: RwftConfig, **common: Any) -> Strategy:
+    from rwft.server.server_optimisers import RwftFedYogi
+
     return RwftFedYogi(eta=config.federation.server_lr, eta_l=config.train.lr, **common)
 
 
 def fedmedian(config: RwftConfig, **common: Any) -> Strategy:
+    from flwr.serverapp.strategy import FedMedian
+
     return FedMedian(**common)
 
 
 def fedtrimmedavg(config: RwftConfig, **common: Any) -> Strategy:
+    from flwr.serverapp.strategy import FedTrimmedAvg
+
     return FedTrimmedAvg(beta=config.federation.trimmed_beta, **common)
 
 
 def krum(config: RwftConfig, **common: Any) -> Strategy:
+    from flwr.serverapp.strategy import Krum
+
     return Krum(num_malicious_nodes=config.federation.krum_byzantine, **common)
 
 

@@ -3,6 +3,7 @@ real third-party plugin (``examples/backbone_plugin``) found through entry-point
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +47,26 @@ def test_built_in_features_are_registered_by_their_plugins():
     assert {name: registries.backbones.get(name).plugin for name in expected} == expected
     assert {"replicate", "conv1x1", "weightsum"} <= set(registries.adapters.names())
     assert all(r.description for kind in ("backbones", "adapters") for r in registries.of(kind))
+
+
+BLOCK_FLOWER = """
+import sys
+class BlockFlower:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("flwr", "ray"):
+            raise ImportError(f"{name} is hidden by this test")
+sys.meta_path.insert(0, BlockFlower())
+from rwft.core.plugins import get_registries
+print(sorted(get_registries().strategies.names()))
+"""
+
+
+def test_centralised_training_needs_no_flower():
+    """The strategy plugin imports Flower only when a federation builds a strategy, so
+    ``rwft train`` and ``rwft plugins`` work where Flower is not installed (a GPU image)."""
+    result = subprocess.run([sys.executable, "-c", BLOCK_FLOWER], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fedavg" in result.stdout and "krum" in result.stdout
 
 
 def test_duplicate_name_names_both_plugins():

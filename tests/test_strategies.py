@@ -16,7 +16,7 @@ from rwft.core.config import load_config, with_overrides
 from rwft.core.federated import STATISTICS_KEY, WEIGHTS_KEY
 from rwft.core.hookspecs import hookimpl
 from rwft.core.plugins import collect_registries, get_registries, make_plugin_manager
-from rwft.plugins.strategies import RwftFedAdam
+from rwft.server.server_optimisers import RwftFedAdam
 from rwft.server.app import make_strategy
 
 BUILT_IN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
