@@ -7,13 +7,19 @@
 #              EfficientNet-Lite0 ImageNet weights stored as fp16 (to fit the 64 MiB
 #              transfer limit; training runs in bf16, which is coarser than fp16)
 # Results land in $OUT: throughput_224.json, throughput_64.json, accuracy.json, log.txt.
+# Arguments pick parts (default all): throughput, chest (6 chest_xray runs, ~5 min on an
+# H200), mnist (2 PneumoniaMNIST 28->224 runs), e.g. `bash benchmarks/gpu_suite.sh throughput mnist`.
 set -uo pipefail
+parts=" ${*:-throughput chest mnist} "
+wants() { [[ $parts == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 RWFT_LOAD_PLUGINS="" RWFT_CACHE_DIR=/tmp/rwft-cache
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 # One zip file instead of 5,824 JPEGs: the transfer limit counts per-file overhead too.
-[ -d .gpudata/chest_xray ] || (cd .gpudata && python3 -m zipfile -e chest_xray.zip .) || exit 1
+if wants chest && [ ! -d .gpudata/chest_xray ]; then
+    (cd .gpudata && python3 -m zipfile -e chest_xray.zip .) || exit 1
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 # rwft without an install: the namespace package rwft made of links to its four folders.
 mkdir -p /tmp/rwftpkg/rwft
@@ -22,9 +28,9 @@ export PYTHONPATH=/tmp/rwftpkg:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 
-python3 benchmarks/train_throughput.py --image-size 224 --batch-size 256 --steps 20 --repeats 3 \
-    --output "$OUT/throughput_224.json"
-python3 benchmarks/train_throughput.py --image-size 64 --batch-size 256 --steps 20 --repeats 3 \
+wants throughput && python3 benchmarks/train_throughput.py --image-size 224 --batch-size 256 --steps 20 --repeats 3 \
+    --output "$OUT/throughput_224.json" --profile "$OUT/profile_224.txt"
+wants throughput && python3 benchmarks/train_throughput.py --image-size 64 --batch-size 256 --steps 20 --repeats 3 \
     --output "$OUT/throughput_64.json"
 
 weights=.gpudata/efficientnet-lite0-fp16.pth
@@ -37,14 +43,15 @@ run() {  # name, then rwft train arguments
         echo "$name $((SECONDS - start))" >> /tmp/runs/seconds.txt
 }
 mkdir -p /tmp/runs
-run chest_imagenet_s0 $chest model.weights=$weights seed=0
-run chest_imagenet_s1 $chest model.weights=$weights seed=1
-run chest_scratch_s0 $chest model.pretrained=false seed=0
-run chest_scratch_s1 $chest model.pretrained=false seed=1
-run chest_probe_s0 $chest model.weights=$weights model.mode=probe seed=0
-run chest_conv1x1_s0 $chest model.weights=$weights model.adapter=conv1x1 seed=0
-run mnist_imagenet_s0 $mnist model.weights=$weights seed=0
-run mnist_scratch_s0 $mnist model.pretrained=false seed=0
+touch /tmp/runs/seconds.txt
+wants chest && run chest_imagenet_s0 $chest model.weights=$weights seed=0
+wants chest && run chest_imagenet_s1 $chest model.weights=$weights seed=1
+wants chest && run chest_scratch_s0 $chest model.pretrained=false seed=0
+wants chest && run chest_scratch_s1 $chest model.pretrained=false seed=1
+wants chest && run chest_probe_s0 $chest model.weights=$weights model.mode=probe seed=0
+wants chest && run chest_conv1x1_s0 $chest model.weights=$weights model.adapter=conv1x1 seed=0
+wants mnist && run mnist_imagenet_s0 $mnist model.weights=$weights seed=0
+wants mnist && run mnist_scratch_s0 $mnist model.pretrained=false seed=0
 
 python3 - "$OUT/accuracy.json" <<'PY'
 import json, sys, pathlib

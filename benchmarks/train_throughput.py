@@ -74,6 +74,21 @@ def rwft_engine(device: torch.device, image_size: int, batch_size: int, steps: i
     return batch_size * steps / (time.perf_counter() - start)
 
 
+def write_profile(path: str, device: torch.device, image_size: int, batch_size: int, steps: int,
+                  precision: str) -> None:
+    """Where a rwft step spends its time: torch.profiler's op table, by self CPU and by device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        rwft_engine(device, image_size, batch_size, steps, precision, augment=False)
+    table = profiler.key_averages()
+    with open(path, "w") as handle:
+        handle.write(table.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        if device.type == "cuda":
+            handle.write(table.table(sort_by="self_device_time_total", row_limit=30) + "\n")
+
+
 def _timed(step, device: torch.device, batch_size: int, steps: int) -> float:
     for _ in range(max(2, steps // 5)):  # warm-up
         step()
@@ -108,6 +123,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="also profile one rwft epoch with torch.profiler and write its op table to PATH")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,6 +156,8 @@ def main() -> None:
         "peak_gpu_mib": peaks if device.type == "cuda" else None,
         "peak_process_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if args.profile:
+        write_profile(args.profile, device, args.image_size, args.batch_size, args.steps, args.precision)
     text = json.dumps(summary, indent=2)
     print(text)
     if args.output:
