@@ -85,7 +85,14 @@ def _or_waiting_reply(pull_and_store: Any) -> Any:
     @functools.wraps(pull_and_store)
     def pull(*args: Any, **kwargs: Any) -> int | None:
         run_id = pull_and_store(*args, **kwargs)
-        if run_id is None and (waiting := kwargs["state"].get_messages_legacy(is_reply=True)):
+        state = kwargs["state"]
+        if run_id is None and (waiting := state.get_messages_legacy(is_reply=True)):
+            # get_messages_legacy marks what it returns as taken, and the push that follows
+            # asks for untaken replies only: left taken, it would wait for them forever
+            # (the hang of a resumed federation). Put them back as they were.
+            for reply in waiting:
+                state.delete_messages(message_ids=[reply.metadata.message_id])
+                state.store_message(reply)
             return int(waiting[0].metadata.run_id)
         return run_id
 

@@ -6,29 +6,42 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 from rwft.core.flower_patches import POLL_S, _or_waiting_reply
 
 
-class _Reply:
-    class metadata:  # noqa: N801 - mimics Message.metadata
-        run_id = 42
+def _node_state_holding_a_reply(run_id: int):
+    """Flower's own SuperNode state, holding one ClientApp reply that waits to be pushed."""
+    from flwr.app import Message, Metadata, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
 
-
-class _State:
-    def __init__(self, replies):
-        self.replies = replies
-
-    def get_messages_legacy(self, is_reply):
-        assert is_reply
-        return self.replies
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    # The instruction as the SuperLink hands it out (its metadata set by the SuperLink).
+    instruction = Message(RecordDict(), metadata=Metadata(
+        run_id=run_id, message_id="", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="2",
+        created_at=time.time(), ttl=3600, message_type="train"))
+    instruction.metadata.__dict__["_message_id"] = instruction.object_id
+    reply = Message(RecordDict(), reply_to=instruction)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    state.store_message(reply)
+    return state
 
 
 def test_a_waiting_reply_is_pushed_even_when_no_message_comes():
     no_message = _or_waiting_reply(lambda **kwargs: None)
-    assert no_message(state=_State([_Reply()])) == 42  # the loop then pushes it now
-    assert no_message(state=_State([])) is None
-    assert _or_waiting_reply(lambda **kwargs: 7)(state=_State([_Reply()])) == 7
+    state = _node_state_holding_a_reply(run_id=42)
+    assert no_message(state=state) == 42  # the loop then pushes it now ...
+    # ... and the push finds it: it asks the state for replies not yet taken.
+    assert [m.metadata.run_id for m in state.get_messages_legacy(is_reply=True)] == [42]
+    assert no_message(state=state) is None  # taken by the push: nothing waits any more
+
+
+def test_a_pulled_message_goes_first():
+    state = _node_state_holding_a_reply(run_id=42)
+    assert _or_waiting_reply(lambda **kwargs: 7)(state=state) == 7
+    assert len(state.get_messages_legacy(is_reply=True)) == 1
 
 
 def test_the_patches_apply_to_the_installed_flower():
