@@ -26,6 +26,7 @@ import tomli_w
 from rwft.core.errors import RwftError
 from rwft.core.federated import check_site_label
 from rwft.core.processes import ChildProcess, flower_env, free_port, interrupt_on_sigterm, split_address
+from rwft.core.tls import check_root_certificate
 
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
 
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="size the data check decodes and caches at; use the federation's data.image_size")
     join.add_argument("--port", type=int, help="local port of the SuperNode's runtime API (default: a free one)")
     join.add_argument("--threads", type=int, help="torch CPU threads for training at this site")
+    join.add_argument("--root-certificates", metavar="CA.crt",
+                      help="the federation's ca.crt from its coordinator: connect over TLS and accept only the "
+                           "server it certifies (without it: no TLS)")
     join.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
                       help="warm: rounds run in this process (default); subprocess: Flower's fresh process per message")
     return parser
@@ -78,8 +82,15 @@ def _join(args: argparse.Namespace) -> int:
     node_config = work_dir / "node-config.toml"  # a file: any path survives Flower's parsing
     node_config.write_bytes(tomli_w.dumps({"site": label, "data-dir": data, "dataset": dataset,
                                            "work-dir": str(work_dir)}).encode())
+    if args.root_certificates:
+        transport = ["--root-certificates", str(check_root_certificate(args.root_certificates))]
+    else:
+        transport = ["--insecure"]
+        print("rwft-client: warning: without --root-certificates the connection is not encrypted and this site "
+              "cannot tell the federation's server from another. Fine on one machine or inside a VPN; otherwise "
+              "ask the coordinator for its ca.crt.", file=sys.stderr, flush=True)
     port = args.port or free_port(RUNTIME_HOST)
-    command = [sys.executable, "-m", "rwft.clients.supernode", "--insecure", "--superlink", args.server,
+    command = [sys.executable, "-m", "rwft.clients.supernode", *transport, "--superlink", args.server,
                "--host", RUNTIME_HOST, "--port", str(port), "--node-config", str(node_config)]
     extra_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if args.isolation == "warm":
@@ -99,6 +110,16 @@ def _join(args: argparse.Namespace) -> int:
             stop.wait()
     finally:
         supernode.stop()
+    log = supernode.log_tail(40)
+    if "CERTIFICATE_VERIFY_FAILED" in log:
+        raise RwftError(f"the server at {args.server} presented a certificate that "
+                        + (f"{args.root_certificates} did not sign" if args.root_certificates
+                           else "this site cannot check without --root-certificates")
+                        + ". Ask the federation's coordinator for its ca.crt and pass it as --root-certificates "
+                        f"(details in {supernode.log_file}).")
+    if "WRONG_VERSION_NUMBER" in log:
+        raise RwftError(f"the server at {args.server} does not speak TLS: leave out --root-certificates, or ask its "
+                        "coordinator to serve with federation.certificates.")
     raise RwftError(f"the SuperNode stopped (exit code {supernode.process.returncode}); its log "
                     f"{supernode.log_file} ends with:\n{supernode.log_tail()}")
 

@@ -54,24 +54,25 @@ STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well wit
 
 def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) -> None:
     """Run the SuperNode's ClientApp tasks with ``client_app`` until ``stop`` is set."""
-    acquirer = _runtime_client(runtime_address)
+    acquirer = _runtime_client(runtime_address, stop)
     try:
         while not stop.is_set():
             try:
                 response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if response.HasField("task") and response.token:
-                    run_task(runtime_address, response.token, client_app)
+                    run_task(runtime_address, response.token, client_app, stop)
                     continue
             except httpx.HTTPError as exc:  # the SuperNode is restarting or gone (then ``stop`` is set)
-                print(f"rwft: lost the SuperNode's runtime API ({exc}); retrying", file=sys.stderr, flush=True)
+                if not stop.is_set():
+                    print(f"rwft: lost the SuperNode's runtime API ({exc}); retrying", file=sys.stderr, flush=True)
             stop.wait(POLL_S)
     finally:
         acquirer.close()
 
 
-def run_task(runtime_address: str, token: str, client_app: ClientApp) -> None:
+def run_task(runtime_address: str, token: str, client_app: ClientApp, stop: threading.Event) -> None:
     """Pull one task's message and context, run ``client_app`` on it, push the reply and context."""
-    client = _runtime_client(runtime_address, RuntimeTokenHttpInterceptor(token))
+    client = _runtime_client(runtime_address, stop, RuntimeTokenHttpInterceptor(token))
     heartbeat = HeartbeatSender(lambda: _send_heartbeat(client))
     heartbeat.start()
     context: Context | None = None
@@ -152,9 +153,18 @@ def _send_heartbeat(client: RuntimeHttpClient) -> bool:
         return False
 
 
-def _runtime_client(address: str, *interceptors: ProtobufClientInterceptor) -> RuntimeHttpClient:
+def _runtime_client(address: str, stop: threading.Event, *interceptors: ProtobufClientInterceptor) -> RuntimeHttpClient:
+    """A client of the SuperNode's runtime API that retries as Flower's does, until ``stop`` is set.
+
+    Flower's ClientApp process retries for ever, which is right for a process that dies
+    with its SuperNode; this loop lives in ``rwft-client`` itself, which must notice a
+    SuperNode that exited (a refused TLS certificate, say) and say why.
+    """
+    retry = make_simple_http_retry_invoker()
+    flower_should_giveup = retry.should_giveup
+    retry.should_giveup = lambda exc: stop.is_set() or bool(flower_should_giveup and flower_should_giveup(exc))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=retry,
     )

@@ -9,6 +9,9 @@ federation after its last completed round, for example after a crash.
 
 ``rwft-server status [RUN_DIR]`` shows the rounds completed and the sites online.
 
+``rwft-server certs --out DIR --host NAME`` makes the federation's TLS certificates
+(``rwft.core.tls``); ``start ... federation.certificates=DIR`` then serves TLS only.
+
 Ctrl-C stops the run and the SuperLink; continue later with ``--resume``.
 """
 
@@ -23,6 +26,7 @@ from pathlib import Path
 from rwft.core.config import RwftConfig, load_config
 from rwft.core.errors import RwftError
 from rwft.core.processes import interrupt_on_sigterm, port_open, split_address
+from rwft.core.tls import FederationCertificates, create_certificates
 from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 
 
@@ -50,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="rounds completed and sites online")
     status.add_argument("run_dir", nargs="?", default="runs/latest", help="the federation's run directory")
     status.set_defaults(handler=_status)
+    certs = sub.add_parser("certs", help="make the federation's TLS certificates (a private CA and the server's)")
+    certs.add_argument("--out", required=True, metavar="DIR", help="folder for ca.crt, ca.key, server.crt, server.key")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="a host name or IP address the sites dial (repeat for several); localhost is always in")
+    certs.add_argument("--overwrite", action="store_true", help="replace certificates already in --out")
+    certs.set_defaults(handler=_certs)
     return parser
 
 
@@ -58,11 +68,18 @@ def _start(args: argparse.Namespace) -> int:
 
     cfg, run_config = prepare_federation(_config(args), resume=args.resume is not None)
     run_dir = Path(cfg.output_dir)
-    superlink = start_superlink(run_dir, cfg.federation.address)
-    flwr = FlowerCli(run_dir, cfg.federation.address)
+    certificates = _certificates(cfg)
+    superlink = start_superlink(run_dir, cfg.federation.address, certificates=certificates)
+    flwr = FlowerCli(run_dir, cfg.federation.address, certificates)
     try:
-        print(f"rwft-server: SuperLink serving {cfg.federation.address} (its state: {run_dir / 'superlink'})",
-              flush=True)
+        print(f"rwft-server: SuperLink serving {cfg.federation.address} "
+              f"({'TLS, sites join with --root-certificates ' + str(certificates.ca) if certificates else 'no TLS'}; "
+              f"its state: {run_dir / 'superlink'})", flush=True)
+        if certificates is None:
+            print("rwft-server: warning: without TLS, models and metrics cross the network unencrypted and sites "
+                  "cannot tell this server from another. Fine on one machine or inside a VPN; otherwise make "
+                  "certificates with `rwft-server certs --out DIR --host THIS_HOST` and pass "
+                  "federation.certificates=DIR.", file=sys.stderr, flush=True)
         _wait_for_sites(flwr, cfg)
         run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config))
         print(f"rwft-server: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)
@@ -92,13 +109,29 @@ def _config(args: argparse.Namespace) -> RwftConfig:
     return load_config(args.config or saved, [*args.overrides, f"output_dir={args.resume}"])
 
 
+def _certificates(cfg: RwftConfig) -> FederationCertificates | None:
+    folder = cfg.federation.certificates
+    return FederationCertificates.in_folder(folder) if folder else None
+
+
+def _certs(args: argparse.Namespace) -> int:
+    folder = create_certificates(args.out, args.host, overwrite=args.overwrite)
+    names = ", ".join([*args.host, "localhost", "127.0.0.1"])
+    print(f"rwft-server: TLS certificates for {names} in {folder}\n"
+          f"  give every hospital:  {folder / 'ca.crt'}  (public; they join with --root-certificates ca.crt)\n"
+          f"  keep on this server:  {folder / 'ca.key'}, {folder / 'server.key'}  (private, mode 0600)\n"
+          f"  serve with:           rwft-server start ... federation.certificates={folder}")
+    return 0
+
+
 def _wait_for_sites(flwr: FlowerCli, cfg: RwftConfig) -> None:
     """Show sites as they join; return at ``min_sites``, ``RwftError`` after ``wait_timeout_s``."""
     federation = cfg.federation
     host, port = split_address(federation.address)
     reachable_as = f"{'SERVER_HOST' if host in ('0.0.0.0', '') else host}:{port}"
+    tls = " --root-certificates ca.crt" if federation.certificates else ""
     print(f"rwft-server: waiting for {federation.min_sites} site(s), at most {federation.wait_timeout_s:.0f} s. "
-          f"Each hospital runs:\n  rwft-client join --site NAME --server {reachable_as} --data PATH", flush=True)
+          f"Each hospital runs:\n  rwft-client join --site NAME --server {reachable_as} --data PATH{tls}", flush=True)
     deadline = time.monotonic() + federation.wait_timeout_s
     seen: set[int] = set()
     while True:
@@ -131,7 +164,7 @@ def _status(args: argparse.Namespace) -> int:
         print("  " + round_summary(record, cfg.federation.rounds))
     host, port = split_address(cfg.federation.address)
     if port_open(host, port):
-        online = FlowerCli(run_dir, cfg.federation.address).node_ids()
+        online = FlowerCli(run_dir, cfg.federation.address, _certificates(cfg)).node_ids()
         print(f"SuperLink at {cfg.federation.address} is up; {len(online)} site(s) online"
               + (f": nodes {', '.join(map(str, online))}" if online else ""))
     else:

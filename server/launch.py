@@ -23,7 +23,8 @@ from rwft.server.state import create_federation, federation_id, load_state
 def prepare_federation(cfg: RwftConfig, *, resume: bool) -> tuple[RwftConfig, dict[str, Any]]:
     """``cfg`` with an absolute ``output_dir``, and the Flower run config of its federation."""
     # The ServerApp (and in simulation every site) runs in another working directory.
-    absolute = {"output_dir": cfg.output_dir, "data.root": cfg.data.root, "data.cache_dir": cfg.data.cache_dir}
+    absolute = {"output_dir": cfg.output_dir, "data.root": cfg.data.root, "data.cache_dir": cfg.data.cache_dir,
+                "federation.certificates": cfg.federation.certificates}
     cfg = with_overrides(cfg, [f"{key}={Path(value).expanduser().resolve()}"
                                for key, value in absolute.items() if value])
     run_dir = Path(cfg.output_dir)

@@ -20,6 +20,7 @@ from typing import Any
 import tomli_w
 from rwft.core.errors import RwftError
 from rwft.core.processes import ChildProcess, flower_env, split_address
+from rwft.core.tls import FederationCertificates
 
 CONNECTION = "rwft"
 STARTUP_TIMEOUT_S = 120.0  # the SuperLink imports Flower and opens its database
@@ -42,16 +43,25 @@ def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
     return app_dir
 
 
-def start_superlink(run_dir: Path, address: str, *, simulation: bool = False) -> ChildProcess:
-    """Start ``flower-superlink`` for ``run_dir`` serving ``address``; returns once it accepts connections."""
+def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
+                    certificates: FederationCertificates | None = None) -> ChildProcess:
+    """Start ``flower-superlink`` for ``run_dir`` serving ``address``; returns once it accepts connections.
+
+    With ``certificates`` it serves TLS only (``rwft.core.tls``); without, plain HTTP.
+    """
     host, port = split_address(address)
     (run_dir / "superlink").mkdir(parents=True, exist_ok=True)
-    command = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure",
+    if certificates is None:
+        transport = ["--insecure"]
+    else:
+        transport = ["--ssl-ca-certfile", str(certificates.ca), "--ssl-certfile", str(certificates.certificate),
+                     "--ssl-keyfile", str(certificates.key)]
+    command = [str(Path(sys.executable).parent / "flower-superlink"), *transport,
                "--database", str(run_dir / "superlink" / "state.db"),
                "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
     if simulation:
         command.append("--simulation")
-    env = FlowerCli(run_dir, address).env
+    env = FlowerCli(run_dir, address, certificates).env
     if simulation:  # every simulated site's output line, and no Ray warning about GPUs it will not use
         env |= {"RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     process = ChildProcess("the SuperLink", command, env=env,
@@ -67,16 +77,20 @@ def start_superlink(run_dir: Path, address: str, *, simulation: bool = False) ->
 class FlowerCli:
     """The ``flwr`` commands, against the SuperLink of ``run_dir`` at ``address``."""
 
-    def __init__(self, run_dir: Path, address: str) -> None:
+    def __init__(self, run_dir: Path, address: str, certificates: FederationCertificates | None = None) -> None:
         self.run_dir = run_dir
         host, port = split_address(address)
         flwr_home = run_dir / "flower-home"
         flwr_home.mkdir(parents=True, exist_ok=True)
         # The CLI connects locally even when the SuperLink serves every interface.
         local = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        (flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{local}:{port}"\ninsecure = true\n')
+        connection: dict[str, Any] = {"address": f"{local}:{port}"}
+        if certificates is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(certificates.ca)
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (flwr_home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
         self.env = flower_env(flwr_home)
 
     def node_ids(self) -> list[int]:

@@ -79,10 +79,10 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def join(site: str, server: str, data: Path, work: Path, image_size: int = 28) -> Started:
-    """``rwft-client join`` for one site."""
+def join(site: str, server: str, data: Path, work: Path, image_size: int = 28, extra: Sequence[str] = ()) -> Started:
+    """``rwft-client join`` for one site (``extra``: more of its arguments)."""
     return Started([str(BIN / "rwft-client"), "join", "--site", site, "--server", server, "--data", str(data),
-                    "--workdir", str(work), "--image-size", str(image_size), "--threads", "1"],
+                    "--workdir", str(work), "--image-size", str(image_size), "--threads", "1", *extra],
                    work.parent / f"{site}.log")
 
 
