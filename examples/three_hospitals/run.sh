@@ -24,16 +24,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== 2. The hospitals join (each checks its data first; logs in $work/hospital*.log)"
+echo "== 2. The server's TLS certificates: a private CA whose ca.crt every hospital gets"
+"$bin/rwft-server" certs --out "$work/certs"
+
+echo "== 3. The hospitals join over TLS (each checks its data first; logs in $work/hospital*.log)"
 for site in hospitalA hospitalB hospitalC; do
     "$bin/rwft-client" join --site "$site" --server "127.0.0.1:$port" --data "$work/data/$site" \
+        --root-certificates "$work/certs/ca.crt" \
         --workdir "$work/$site" --image-size 64 --threads 1 > "$work/$site.log" 2>&1 &
     pids+=($!)
 done
 
-echo "== 3. The server starts the federation and waits for the three hospitals"
+echo "== 4. The server starts the federation and waits for the three hospitals"
 "$bin/rwft-server" start --config "$here/federation.yaml" data.root="$work/data/server" \
-    output_dir="$work/run" federation.address="127.0.0.1:$port"
+    output_dir="$work/run" federation.address="127.0.0.1:$port" federation.certificates="$work/certs"
 
 echo "== Done. Each hospital's own log and TensorBoard files stay in $work/hospital{A,B,C}/"
 echo "   Whole federation: tensorboard --logdir $work/run/tb"
