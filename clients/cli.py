@@ -1,5 +1,8 @@
 """``rwft-client join``: take part in a federation as one hospital.
 
+``rwft-client keygen --site hospitalA`` makes the site's key pair for federations that
+admit only registered sites (``rwft.core.site_keys``).
+
 ``rwft-client join --site hospitalA --server HOST:PORT --data PATH`` first checks the
 site's data locally (images per class and split, unreadable files listed; an empty site
 is refused), then starts a Flower SuperNode that connects to the federation's SuperLink
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,16 +30,18 @@ import tomli_w
 from rwft.core.errors import RwftError
 from rwft.core.federated import check_site_label
 from rwft.core.processes import ChildProcess, flower_env, free_port, interrupt_on_sigterm, split_address
+from rwft.core.site_keys import check_site_private_key, create_site_key
 from rwft.core.tls import check_root_certificate
 
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
+ADMISSION_RETRY_S = 10.0  # how often a site whose key is not registered yet asks again
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     interrupt_on_sigterm()
     try:
-        return _join(args)
+        return _keygen(args) if args.command == "keygen" else _join(args)
     except RwftError as exc:
         print(f"rwft-client: error: {exc}", file=sys.stderr)
         return 2
@@ -62,9 +68,25 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--root-certificates", metavar="CA.crt",
                       help="the federation's ca.crt from its coordinator: connect over TLS and accept only the "
                            "server it certifies (without it: no TLS)")
+    join.add_argument("--auth-key", metavar="NAME.key",
+                      help="this site's private key (rwft-client keygen), for federations that admit only "
+                           "registered sites; its NAME.pub must be with the coordinator")
     join.add_argument("--isolation", choices=("warm", "subprocess"), default="warm",
                       help="warm: rounds run in this process (default); subprocess: Flower's fresh process per message")
+    keygen = sub.add_parser("keygen", help="make this site's key pair, for federations that admit only "
+                                           "registered sites")
+    keygen.add_argument("--site", required=True, help="this site's label (the key files are named after it)")
+    keygen.add_argument("--out", default=".", metavar="DIR", help="folder for SITE.key and SITE.pub (default: here)")
     return parser
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    private, public = create_site_key(args.out, args.site)
+    print(f"rwft-client: keys for site {args.site}\n"
+          f"  send to the coordinator:  {public}  (public)\n"
+          f"  keep at this site:        {private}  (private, mode 0600)\n"
+          f"  join with:                rwft-client join --site {args.site} ... --auth-key {private}")
+    return 0
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -89,39 +111,59 @@ def _join(args: argparse.Namespace) -> int:
         print("rwft-client: warning: without --root-certificates the connection is not encrypted and this site "
               "cannot tell the federation's server from another. Fine on one machine or inside a VPN; otherwise "
               "ask the coordinator for its ca.crt.", file=sys.stderr, flush=True)
+    if args.auth_key:
+        transport += ["--auth-supernode-private-key", str(check_site_private_key(args.auth_key))]
     port = args.port or free_port(RUNTIME_HOST)
     command = [sys.executable, "-m", "rwft.clients.supernode", *transport, "--superlink", args.server,
                "--host", RUNTIME_HOST, "--port", str(port), "--node-config", str(node_config)]
     extra_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if args.isolation == "warm":
         command += ["--isolation", "process"]
-    supernode = ChildProcess(f"site {label}'s SuperNode", command,
-                             env=flower_env(work_dir / "flower-home", **extra_env),
-                             log_file=work_dir / "supernode.log", cwd=work_dir)
-    print(f"rwft-client: site {label} connecting to {args.server} (SuperNode log: {supernode.log_file}); "
-          "Ctrl-C to leave", flush=True)
-    try:
-        supernode.wait_for_port(RUNTIME_HOST, port, timeout_s=120)
-        stop = threading.Event()
-        threading.Thread(target=_watch, args=(supernode, stop), daemon=True).start()
-        if args.isolation == "warm":
-            _serve_warm(f"{RUNTIME_HOST}:{port}", args.threads, stop)
-        else:
-            stop.wait()
-    finally:
-        supernode.stop()
-    log = supernode.log_tail(40)
+    env = flower_env(work_dir / "flower-home", **extra_env)
+    while True:
+        supernode = ChildProcess(f"site {label}'s SuperNode", command, env=env,
+                                 log_file=work_dir / "supernode.log", cwd=work_dir)
+        print(f"rwft-client: site {label} connecting to {args.server} (SuperNode log: {supernode.log_file}); "
+              "Ctrl-C to leave", flush=True)
+        try:
+            supernode.wait_for_port(RUNTIME_HOST, port, timeout_s=120)
+            stop = threading.Event()
+            threading.Thread(target=_watch, args=(supernode, stop), daemon=True).start()
+            if args.isolation == "warm":
+                _serve_warm(f"{RUNTIME_HOST}:{port}", args.threads, stop)
+            else:
+                stop.wait()
+        finally:
+            supernode.stop()
+        log = supernode.log_tail(40)
+        # Flower's code 2004: the SuperLink does not know this key. The coordinator may not have
+        # registered it yet (sites often start first), so wait for that instead of giving up.
+        if args.auth_key and "Failed to activate SuperNode" in log:
+            print(f"rwft-client: the federation at {args.server} has not admitted the key {args.auth_key} (yet): "
+                  f"its NAME.pub must be in the coordinator's federation.site_keys folder. Trying again in "
+                  f"{ADMISSION_RETRY_S:.0f} s; Ctrl-C to stop.", file=sys.stderr, flush=True)
+            time.sleep(ADMISSION_RETRY_S)
+            continue
+        raise RwftError(_why_the_supernode_stopped(args, supernode, log))
+
+
+def _why_the_supernode_stopped(args: argparse.Namespace, supernode: ChildProcess, log: str) -> str:
+    """What the site's operator should know and do, from the end of the SuperNode's log."""
     if "CERTIFICATE_VERIFY_FAILED" in log:
-        raise RwftError(f"the server at {args.server} presented a certificate that "
-                        + (f"{args.root_certificates} did not sign" if args.root_certificates
-                           else "this site cannot check without --root-certificates")
-                        + ". Ask the federation's coordinator for its ca.crt and pass it as --root-certificates "
-                        f"(details in {supernode.log_file}).")
+        return (f"the server at {args.server} presented a certificate that "
+                + (f"{args.root_certificates} did not sign" if args.root_certificates
+                   else "this site cannot check without --root-certificates")
+                + ". Ask the federation's coordinator for its ca.crt and pass it as --root-certificates "
+                f"(details in {supernode.log_file}).")
+    if "All SuperNodes must be registered" in log:  # Flower's code 2001: a key is required and none was given
+        return (f"the federation at {args.server} admits only registered sites, and this site gave no key. Make "
+                "a key pair with `rwft-client keygen --site NAME`, send NAME.pub to the coordinator, and join "
+                "with --auth-key NAME.key.")
     if "WRONG_VERSION_NUMBER" in log:
-        raise RwftError(f"the server at {args.server} does not speak TLS: leave out --root-certificates, or ask its "
-                        "coordinator to serve with federation.certificates.")
-    raise RwftError(f"the SuperNode stopped (exit code {supernode.process.returncode}); its log "
-                    f"{supernode.log_file} ends with:\n{supernode.log_tail()}")
+        return (f"the server at {args.server} does not speak TLS: leave out --root-certificates, or ask its "
+                "coordinator to serve with federation.certificates.")
+    return (f"the SuperNode stopped (exit code {supernode.process.returncode}); its log "
+            f"{supernode.log_file} ends with:\n{supernode.log_tail()}")
 
 
 def _serve_warm(runtime_address: str, threads: int | None, stop: threading.Event) -> None:

@@ -70,6 +70,7 @@ class FederationConfig:
     krum_byzantine: int = 0  # sites Krum assumes may be malicious
     address: str = "127.0.0.1:9092"  # host:port the SuperLink serves (sites, flwr CLI); 0.0.0.0:PORT for remote sites
     certificates: Optional[str] = None  # folder with ca.crt, server.crt, server.key (rwft-server certs): TLS
+    site_keys: Optional[str] = None  # folder of admitted sites' NAME.pub (rwft-client keygen); needs certificates
     wait_timeout_s: float = 600.0  # how long the server waits for min_sites before giving up
     server_eval: bool = True  # evaluate the global model on a server-side held-out set
     round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long

@@ -10,7 +10,9 @@ federation after its last completed round, for example after a crash.
 ``rwft-server status [RUN_DIR]`` shows the rounds completed and the sites online.
 
 ``rwft-server certs --out DIR --host NAME`` makes the federation's TLS certificates
-(``rwft.core.tls``); ``start ... federation.certificates=DIR`` then serves TLS only.
+(``rwft.core.tls``); ``start ... federation.certificates=DIR`` then serves TLS only, and
+``federation.site_keys=KEYS`` admits only the hospitals whose public key is in KEYS
+(``rwft.core.site_keys``, ``rwft.server.admission``).
 
 Ctrl-C stops the run and the SuperLink; continue later with ``--resume``.
 """
@@ -26,7 +28,9 @@ from pathlib import Path
 from rwft.core.config import RwftConfig, load_config
 from rwft.core.errors import RwftError
 from rwft.core.processes import interrupt_on_sigterm, port_open, split_address
+from rwft.core.site_keys import site_public_keys
 from rwft.core.tls import FederationCertificates, create_certificates
+from rwft.server.admission import admit_sites
 from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 
 
@@ -69,7 +73,11 @@ def _start(args: argparse.Namespace) -> int:
     cfg, run_config = prepare_federation(_config(args), resume=args.resume is not None)
     run_dir = Path(cfg.output_dir)
     certificates = _certificates(cfg)
-    superlink = start_superlink(run_dir, cfg.federation.address, certificates=certificates)
+    site_keys = cfg.federation.site_keys
+    if site_keys:
+        site_public_keys(site_keys)  # checked before anything starts
+    superlink = start_superlink(run_dir, cfg.federation.address, certificates=certificates,
+                                site_auth=bool(site_keys))
     flwr = FlowerCli(run_dir, cfg.federation.address, certificates)
     try:
         print(f"rwft-server: SuperLink serving {cfg.federation.address} "
@@ -80,6 +88,10 @@ def _start(args: argparse.Namespace) -> int:
                   "cannot tell this server from another. Fine on one machine or inside a VPN; otherwise make "
                   "certificates with `rwft-server certs --out DIR --host THIS_HOST` and pass "
                   "federation.certificates=DIR.", file=sys.stderr, flush=True)
+        if site_keys:
+            admitted = admit_sites(flwr, site_keys, run_dir)
+            print(f"rwft-server: admitting only the sites with a key in {site_keys}: {', '.join(admitted)}",
+                  flush=True)
         _wait_for_sites(flwr, cfg)
         run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config))
         print(f"rwft-server: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)
@@ -111,6 +123,10 @@ def _config(args: argparse.Namespace) -> RwftConfig:
 
 def _certificates(cfg: RwftConfig) -> FederationCertificates | None:
     folder = cfg.federation.certificates
+    if cfg.federation.site_keys and not folder:
+        # Flower signs site requests only over TLS; a key sent in the clear proves nothing.
+        raise RwftError("federation.site_keys needs TLS: make certificates with `rwft-server certs --out DIR "
+                        "--host THIS_HOST` and pass federation.certificates=DIR as well.")
     return FederationCertificates.in_folder(folder) if folder else None
 
 
@@ -130,6 +146,7 @@ def _wait_for_sites(flwr: FlowerCli, cfg: RwftConfig) -> None:
     host, port = split_address(federation.address)
     reachable_as = f"{'SERVER_HOST' if host in ('0.0.0.0', '') else host}:{port}"
     tls = " --root-certificates ca.crt" if federation.certificates else ""
+    tls += " --auth-key NAME.key" if federation.site_keys else ""
     print(f"rwft-server: waiting for {federation.min_sites} site(s), at most {federation.wait_timeout_s:.0f} s. "
           f"Each hospital runs:\n  rwft-client join --site NAME --server {reachable_as} --data PATH{tls}", flush=True)
     deadline = time.monotonic() + federation.wait_timeout_s

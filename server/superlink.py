@@ -44,10 +44,12 @@ def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
 
 
 def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
-                    certificates: FederationCertificates | None = None) -> ChildProcess:
+                    certificates: FederationCertificates | None = None, site_auth: bool = False) -> ChildProcess:
     """Start ``flower-superlink`` for ``run_dir`` serving ``address``; returns once it accepts connections.
 
-    With ``certificates`` it serves TLS only (``rwft.core.tls``); without, plain HTTP.
+    With ``certificates`` it serves TLS only (``rwft.core.tls``); without, plain HTTP. With
+    ``site_auth`` it admits only SuperNodes whose keys were registered
+    (``FlowerCli.register_site``, ``rwft.core.site_keys``).
     """
     host, port = split_address(address)
     (run_dir / "superlink").mkdir(parents=True, exist_ok=True)
@@ -56,6 +58,8 @@ def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
     else:
         transport = ["--ssl-ca-certfile", str(certificates.ca), "--ssl-certfile", str(certificates.certificate),
                      "--ssl-keyfile", str(certificates.key)]
+    if site_auth:
+        transport.append("--enable-supernode-auth")
     command = [str(Path(sys.executable).parent / "flower-superlink"), *transport,
                "--database", str(run_dir / "superlink" / "state.db"),
                "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
@@ -93,10 +97,22 @@ class FlowerCli:
         (flwr_home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
         self.env = flower_env(flwr_home)
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every SuperNode the SuperLink knows: ``node-id``, ``status`` (online, offline, registered, ...)."""
+        return list(self._json(["supernode", "list", CONNECTION, "--format", "json"])["nodes"])
+
     def node_ids(self) -> list[int]:
         """The SuperNodes (sites) currently online."""
-        nodes = self._json(["supernode", "list", CONNECTION, "--format", "json"])["nodes"]
-        return [int(node["node-id"]) for node in nodes if node.get("status") == "online"]
+        return [int(node["node-id"]) for node in self.nodes() if node.get("status") == "online"]
+
+    def register_site(self, public_key: Path, name: str) -> int:
+        """Admit the SuperNode holding the private half of ``public_key``; returns its node id."""
+        return int(self._json(["supernode", "register", str(public_key), CONNECTION, "--name", name,
+                               "--format", "json"])["node-id"])
+
+    def unregister_site(self, node_id: int) -> None:
+        """Revoke a registered SuperNode: it can no longer connect."""
+        self._json(["supernode", "unregister", str(node_id), CONNECTION, "--format", "json"])
 
     def submit(self, app_dir: Path, federation_config: Sequence[str] = ()) -> int:
         """Start a run of the app in ``app_dir``; returns its run id."""

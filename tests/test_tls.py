@@ -1,6 +1,8 @@
-"""TLS for a federation: ``rwft-server certs`` makes a private CA and the server's certificate,
-``federation.certificates`` makes the SuperLink serve TLS only, and a site joins only with
-the federation's ``ca.crt``: a site holding another CA's certificate never connects."""
+"""Who may talk to a federation. TLS: ``rwft-server certs`` makes a private CA and the
+server's certificate, ``federation.certificates`` makes the SuperLink serve TLS only, and a
+site connects only with the federation's ``ca.crt``. Site keys: ``rwft-client keygen``
+makes a site's key pair, ``federation.site_keys`` admits only the sites whose public key
+the coordinator holds."""
 
 from __future__ import annotations
 
@@ -11,14 +13,21 @@ import subprocess
 
 import pytest
 from cryptography import x509
-from federation_helpers import BIN, TINY, Started, join, make_site_files
+from federation_helpers import BIN, TINY, Started, join, make_site_files, wait_for
 from rwft.core.errors import RwftError
 from rwft.core.processes import free_port
+from rwft.core.site_keys import (
+    check_site_private_key,
+    create_site_key,
+    site_public_keys,
+)
 from rwft.core.tls import (
     FederationCertificates,
     check_root_certificate,
     create_certificates,
 )
+from rwft.server.admission import admit_sites
+from rwft.server.superlink import FlowerCli, start_superlink
 
 
 def test_the_server_certificate_is_signed_by_the_federation_ca_for_the_hosts_asked(tmp_path):
@@ -62,41 +71,119 @@ def test_wrong_or_missing_files_say_what_to_do(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(360)
-def test_a_tls_federation_admits_only_sites_that_trust_its_ca(tmp_path, pneumoniamnist_npz):
-    made = subprocess.run([str(BIN / "rwft-server"), "certs", "--out", str(tmp_path / "certs")],
-                          capture_output=True, text=True, timeout=120)
-    assert made.returncode == 0, made.stderr
-    assert "give every hospital" in made.stdout
+def test_a_federation_admits_only_sites_that_trust_its_ca_and_hold_a_registered_key(tmp_path, pneumoniamnist_npz):
+    for command in (["rwft-server", "certs", "--out", str(tmp_path / "certs")],
+                    ["rwft-client", "keygen", "--site", "hospitalA", "--out", str(tmp_path / "keys")]):
+        made = subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+    (tmp_path / "site-only").mkdir()
+    (tmp_path / "keys" / "hospitalA.key").rename(tmp_path / "site-only" / "hospitalA.key")  # the server has the .pub
     create_certificates(tmp_path / "rogue-certs", [])  # a CA that did not sign this server's certificate
-    site, rogue_data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")
+    intruder_key, _ = create_site_key(tmp_path / "intruder-keys", "intruder")  # a key nobody registered
+    site, other_data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")
     address = f"127.0.0.1:{free_port()}"
+    ca = str(tmp_path / "certs" / "ca.crt")
     server = Started([str(BIN / "rwft-server"), "start", *TINY, f"data.root={pneumoniamnist_npz}",
                       "federation.rounds=1", "federation.min_sites=1", f"federation.address={address}",
-                      f"federation.certificates={tmp_path / 'certs'}", "federation.wait_timeout_s=120",
-                      f"output_dir={tmp_path / 'run'}"], tmp_path / "server.log")
-    rogue = trusted = None
+                      f"federation.certificates={tmp_path / 'certs'}", f"federation.site_keys={tmp_path / 'keys'}",
+                      "federation.wait_timeout_s=120", f"output_dir={tmp_path / 'run'}"], tmp_path / "server.log")
+    clients = []
     try:
-        rogue = join("rogue", address, rogue_data, tmp_path / "rogue",
-                     extra=["--root-certificates", str(tmp_path / "rogue-certs" / "ca.crt")])
-        # The rogue site tries first: the handshake fails and it stops, saying why.
+        wait_for(lambda: "admitting only the sites" in server.text(), 120, "the server to register the site keys")
+        # A site with another CA's certificate: the handshake fails and it stops, saying why.
+        clients.append(rogue := join("rogue", address, other_data, tmp_path / "rogue",
+                                     extra=["--root-certificates", str(tmp_path / "rogue-certs" / "ca.crt")]))
         assert rogue.wait(timeout=120) == 2, rogue.text()[-3000:]
         assert "did not sign. Ask the federation's coordinator for its ca.crt" in rogue.text()
         assert "CERTIFICATE_VERIFY_FAILED" in _text(tmp_path / "rogue" / "supernode.log")
-        trusted = join("hospitalA", address, site, tmp_path / "hospitalA",
-                       extra=["--root-certificates", str(tmp_path / "certs" / "ca.crt")])
+        # A site that trusts the server but holds an unregistered key: turned away, told why, and
+        # it asks again from time to time (the coordinator may not have registered it yet).
+        clients.append(intruder := join("intruder", address, other_data, tmp_path / "intruder",
+                                        extra=["--root-certificates", ca, "--auth-key", str(intruder_key)]))
+        wait_for(lambda: intruder.text().count(f"has not admitted the key {intruder_key} (yet)") >= 2, 120,
+                 "the intruder to be refused twice")
+        # A site with no key at all: told to make one, and it stops.
+        clients.append(keyless := join("keyless", address, other_data, tmp_path / "keyless",
+                                       extra=["--root-certificates", ca]))
+        assert keyless.wait(timeout=120) == 2, keyless.text()[-3000:]
+        assert "admits only registered sites, and this site gave no key" in keyless.text()
+        # The admitted hospital.
+        clients.append(join("hospitalA", address, site, tmp_path / "hospitalA",
+                            extra=["--root-certificates", ca, "--auth-key",
+                                   str(tmp_path / "site-only" / "hospitalA.key")]))
         code = server.wait(timeout=240)
     finally:
         server.stop()
-        for client in (rogue, trusted):
-            if client is not None:
-                client.stop()
+        for client in clients:
+            client.stop()
     assert code == 0, server.text()[-3000:]
     log = server.text()
     assert "TLS, sites join with --root-certificates" in log and "warning: without TLS" not in log
+    assert "admitting only the sites with a key in" in log and log.count("site joined") == 1
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["complete"] and [set(r["sites"]) for r in metrics["rounds"][1:]] == [{"hospitalA"}]
-    assert "SuperNode ID:" not in _text(tmp_path / "rogue" / "supernode.log")
+    for turned_away in ("rogue", "intruder", "keyless"):
+        assert "SuperNode ID:" not in _text(tmp_path / turned_away / "supernode.log")
 
 
 def _text(path):
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_site_keys_are_made_once_and_checked(tmp_path):
+    private, public = create_site_key(tmp_path / "keys", "hospitalA")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert check_site_private_key(private) == private
+    assert site_public_keys(tmp_path / "keys") == {"hospitalA": public}
+    with pytest.raises(RwftError, match="exists already"):
+        create_site_key(tmp_path / "keys", "hospitalA")  # the registered key must not change under the server
+    with pytest.raises(RwftError, match=r"not an unencrypted OpenSSH EC private key. Pass the NAME.key .* \(not the .pub file\)"):
+        check_site_private_key(public)
+    with pytest.raises(RwftError, match="never a path|letters"):
+        create_site_key(tmp_path / "keys", "../escape")
+
+
+def test_a_bad_site_keys_folder_says_what_to_do(tmp_path):
+    with pytest.raises(RwftError, match="no such folder"):
+        site_public_keys(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RwftError, match="no .pub files"):
+        site_public_keys(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "hospitalB.pub").write_text("ssh-rsa AAAA not-ec\n")
+    with pytest.raises(RwftError, match="hospitalB.pub: not an OpenSSH EC public key"):
+        site_public_keys(tmp_path / "bad")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_the_registered_sites_follow_the_key_folder_across_restarts(tmp_path):
+    """Keys added are registered, keys removed are revoked, and a restart (--resume) registers nothing twice."""
+    certificates = FederationCertificates.in_folder(create_certificates(tmp_path / "certs", []))
+    keys = tmp_path / "keys"
+    for site in ("hospitalA", "hospitalB"):
+        create_site_key(keys, site)
+    address = f"127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+
+    def admitted_after_start() -> tuple[list[str], dict[str, str]]:
+        superlink = start_superlink(run_dir, address, certificates=certificates, site_auth=True)
+        try:
+            flwr = FlowerCli(run_dir, address, certificates)
+            names = admit_sites(flwr, str(keys), run_dir)
+            return names, {node["node-id"]: node["status"] for node in flwr.nodes()}
+        finally:
+            superlink.stop()
+
+    names, nodes = admitted_after_start()
+    assert names == ["hospitalA", "hospitalB"] and sorted(nodes.values()) == ["registered", "registered"]
+    node_of = {name: str(entry["node_id"])
+               for name, entry in json.loads((run_dir / "superlink" / "site_keys.json").read_text()).items()}
+    assert set(node_of.values()) == set(nodes)
+    names, again = admitted_after_start()  # a restart: the SuperLink's database already has both
+    assert names == ["hospitalA", "hospitalB"] and again == nodes
+    (keys / "hospitalB.pub").unlink()  # the coordinator revokes hospitalB
+    names, after = admitted_after_start()
+    assert names == ["hospitalA"] and after[node_of["hospitalA"]] == "registered"
+    assert after.get(node_of["hospitalB"]) in (None, "unregistered"), after
