@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from rwft.core.partition import write_site_files
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rwft-fed-bench-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("RWFT_CACHE_DIR", str(work / "cache"))
-        sites = make_sites(Path(args.data), args.sites, work / "data")
+        sites = write_site_files(Path(args.data), args.sites, work / "data")
         overrides = [f"data.root={args.data}", f"data.image_size={args.image_size}",
                      f"train.batch_size={args.batch_size}", f"train.max_steps_per_epoch={args.steps}",
                      f"federation.rounds={args.rounds}", f"federation.min_sites={args.sites}",
@@ -80,25 +80,6 @@ def main() -> None:
     print(text)
     if args.output:
         Path(args.output).write_text(text + "\n")
-
-
-def make_sites(npz: Path, count: int, out: Path) -> list[Path]:
-    """One MedMNIST-layout npz per site: an iid part of each official split."""
-    from rwft.core.partition import partition_indices
-
-    out.mkdir(parents=True)
-    data = np.load(npz)
-    parts = {split: partition_indices(data[f"{split}_labels"].ravel(), count, "iid", seed=0)
-             for split in ("train", "val", "test")}
-    files = []
-    for site in range(count):
-        arrays = {}
-        for split, indices in parts.items():
-            arrays[f"{split}_images"] = data[f"{split}_images"][indices[site]]
-            arrays[f"{split}_labels"] = data[f"{split}_labels"][indices[site]]
-        files.append(out / f"site{site}.npz")
-        np.savez(files[-1], **arrays)
-    return files
 
 
 def run_local(overrides: list[str], sites: list[Path], run_dir: Path) -> list[dict]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -100,3 +101,26 @@ def describe_partition(parts: Sequence[np.ndarray], labels: np.ndarray, class_na
     rows = [(str(site), np.bincount(labels[part], minlength=len(class_names)).tolist())
             for site, part in enumerate(parts)]
     return class_count_table("site", rows, class_names)
+
+
+def write_site_files(npz: str | Path, count: int, out: str | Path, scheme: str = "iid", seed: int = 0) -> list[Path]:
+    """Split a MedMNIST ``npz`` into ``count`` site files ``out/site{i}.npz``, in MedMNIST's layout.
+
+    Each site gets its own part of every official split (train, val, test), drawn with
+    ``scheme`` as ``partition_indices`` does: what a hospital's export would look like, for
+    trying ``rwft-client join`` with real data on one machine (tests, benchmarks).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = np.load(npz)
+    parts = {split: partition_indices(data[f"{split}_labels"].ravel(), count, scheme, seed=seed)
+             for split in ("train", "val", "test")}
+    files = []
+    for site in range(count):
+        arrays = {}
+        for split, indices in parts.items():
+            arrays[f"{split}_images"] = data[f"{split}_images"][indices[site]]
+            arrays[f"{split}_labels"] = data[f"{split}_labels"][indices[site]]
+        files.append(out / f"site{site}.npz")
+        np.savez(files[-1], **arrays)
+    return files

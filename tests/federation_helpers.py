@@ -14,8 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from rwft.core.partition import partition_indices
+from rwft.core.partition import write_site_files
 
 BIN = Path(sys.executable).parent
 
@@ -26,19 +25,7 @@ TINY = ["data.image_size=28", "train.batch_size=32", "train.max_steps_per_epoch=
 
 def make_site_files(npz: Path, count: int, out: Path, scheme: str = "iid") -> list[Path]:
     """``count`` MedMNIST-layout npz files, each with its own part of every split of ``npz``."""
-    out.mkdir(parents=True, exist_ok=True)
-    data = np.load(npz)
-    parts = {split: partition_indices(data[f"{split}_labels"].ravel(), count, scheme, seed=0)
-             for split in ("train", "val", "test")}
-    files = []
-    for site in range(count):
-        arrays = {}
-        for split, indices in parts.items():
-            arrays[f"{split}_images"] = data[f"{split}_images"][indices[site]]
-            arrays[f"{split}_labels"] = data[f"{split}_labels"][indices[site]]
-        files.append(out / f"site{site}.npz")
-        np.savez(files[-1], **arrays)
-    return files
+    return write_site_files(npz, count, out, scheme)
 
 
 class Started:
