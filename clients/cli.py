@@ -135,7 +135,7 @@ def _join(args: argparse.Namespace) -> int:
                 stop.wait()
         finally:
             supernode.stop()
-        log = supernode.log_tail(40)
+        log = supernode.own_output()[-5000:]
         # Flower's code 2004: the SuperLink does not know this key. The coordinator may not have
         # registered it yet (sites often start first), so wait for that instead of giving up.
         if args.auth_key and "Failed to activate SuperNode" in log:

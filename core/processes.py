@@ -74,6 +74,7 @@ class ChildProcess:
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_start = self._log.tell()  # where this process's output begins in an appended log
         self.process = subprocess.Popen(list(command), env=env, cwd=cwd, stdout=self._log,
                                         stderr=subprocess.STDOUT)
 
@@ -95,6 +96,15 @@ class ChildProcess:
                 raise RuntimeError(f"{self.name} did not open {host}:{port} within {timeout_s:.0f} s; "
                                    f"see {self.log_file}")
             time.sleep(0.2)
+
+    def own_output(self) -> str:
+        """What this process wrote to its log (not what earlier processes appended before it)."""
+        try:
+            with open(self.log_file, "rb") as handle:
+                handle.seek(self._log_start)
+                return handle.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 15) -> str:
         try:
