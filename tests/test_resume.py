@@ -1,6 +1,8 @@
 """A server crash (``kill -9`` of rwft-server, its SuperLink and ServerApp) after round 1, then
 ``rwft-server start --resume``: the federation ends at the round asked for, no round lost
-or repeated, the sites reconnect by themselves, FedAdam's moments carry on."""
+or repeated, FedAdam's moments carry on, and the sites reconnect by themselves, over TLS
+and with their registered keys (sites not reconnecting to a restarted TLS server is a
+known pain of Flower deployments)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import numpy as np
 import pytest
 from federation_helpers import BIN, TINY, Started, join, make_site_files, wait_for
 from rwft.core.processes import free_port
+from rwft.core.site_keys import create_site_key
+from rwft.core.tls import create_certificates
 from rwft.server.state import load_state
 
 pytestmark = pytest.mark.integration
@@ -20,10 +24,17 @@ def test_killed_server_resumes_after_its_last_completed_round(tmp_path, pneumoni
     sites = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")
     address = f"127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
-    clients = [join(name, address, data, tmp_path / name)
-               for name, data in zip(("hospitalA", "hospitalB"), sites, strict=True)]
+    certificates = create_certificates(tmp_path / "certs", [])
+    names = ("hospitalA", "hospitalB")
+    keys = [create_site_key(tmp_path / "keys", name)[0] for name in names]
+    for key in keys:  # the coordinator holds the public halves only
+        key.rename(tmp_path / key.name)
+    clients = [join(name, address, data, tmp_path / name,
+                    extra=["--root-certificates", str(certificates / "ca.crt"), "--auth-key", str(tmp_path / key.name)])
+               for name, data, key in zip(names, sites, keys, strict=True)]
     start = [str(BIN / "rwft-server"), "start", *TINY, f"data.root={pneumoniamnist_npz}", "federation.rounds=3",
              "federation.strategy=fedadam", "federation.server_lr=0.001", f"federation.address={address}",
+             f"federation.certificates={certificates}", f"federation.site_keys={tmp_path / 'keys'}",
              "federation.wait_timeout_s=120", f"output_dir={run_dir}"]
     server = Started(start, tmp_path / "server.log")
     resumed = None
@@ -47,8 +58,10 @@ def test_killed_server_resumes_after_its_last_completed_round(tmp_path, pneumoni
 
     log = resumed.text()
     assert f"resuming after round {crashed_at.round} of 3" in log
+    assert "TLS, sites join with --root-certificates" in log and "admitting only the sites with a key in" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3] and metrics["complete"]
+    assert all(set(r["sites"]) == set(names) for r in metrics["rounds"][1:])  # both came back after the crash
     final = load_state(run_dir)
     assert final is not None and final.round == 3
     # The resumed rounds started from the checkpoint: the committed rounds' records are untouched.
