@@ -68,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start(args: argparse.Namespace) -> int:
-    from rwft.server.launch import prepare_federation
+    from rwft.server.launch import load_federation_config, prepare_federation
 
-    cfg, run_config = prepare_federation(_config(args), resume=args.resume is not None)
+    cfg, run_config = prepare_federation(load_federation_config(args.config, args.overrides, args.resume),
+                                         resume=args.resume is not None)
     run_dir = Path(cfg.output_dir)
     certificates = _certificates(cfg)
     site_keys = cfg.federation.site_keys
@@ -110,15 +111,6 @@ def _start(args: argparse.Namespace) -> int:
           f"  metrics:      {run_dir / 'metrics.json'}\n"
           f"  TensorBoard:  tensorboard --logdir {run_dir / 'tb'}")
     return 0
-
-
-def _config(args: argparse.Namespace) -> RwftConfig:
-    if args.resume is None:
-        return load_config(args.config, args.overrides)
-    saved = Path(args.resume) / "config.yaml"
-    if not saved.is_file():
-        raise RwftError(f"{args.resume} has no config.yaml: pass the run directory of a federation.")
-    return load_config(args.config or saved, [*args.overrides, f"output_dir={args.resume}"])
 
 
 def _certificates(cfg: RwftConfig) -> FederationCertificates | None:

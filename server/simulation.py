@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rwft.core.config import RwftConfig, load_config
+from rwft.core.config import RwftConfig, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.errors import RwftError
 from rwft.core.partition import describe_partition, partition_indices
@@ -31,7 +31,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     interrupt_on_sigterm()
     try:
-        return simulate(_config(args), cpus=args.cpus)
+        return simulate(_config(args), cpus=args.cpus, resume=args.resume is not None)
     except RwftError as exc:
         print(f"rwft simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -46,22 +46,30 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sites", type=int, help="simulated hospitals (federation.sites)")
     parser.add_argument("--partition", help="iid, dirichlet:ALPHA or quantity:ALPHA (federation.partition)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU cores Ray may use")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the simulated federation in RUN_DIR after "
+                                                          "its last completed round (federation.rounds=N to go on)")
     return parser
 
 
 def _config(args: argparse.Namespace) -> RwftConfig:
+    from rwft.server.launch import load_federation_config
+
     overrides = list(args.overrides)
     if args.sites is not None:
         overrides.append(f"federation.sites={args.sites}")
     if args.partition is not None:
         overrides.append(f"federation.partition={args.partition}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_federation_config(args.config, overrides, args.resume)
     # Simulated sites are always online: the federation waits for all of them.
-    return load_config(args.config, [*overrides, f"federation.min_sites={cfg.federation.sites}"])
+    return with_overrides(cfg, [f"federation.min_sites={cfg.federation.sites}"])
 
 
-def simulate(cfg: RwftConfig, *, cpus: int) -> int:
-    """Run the simulated federation ``cfg`` describes; 0 when it completed."""
+def simulate(cfg: RwftConfig, *, cpus: int, resume: bool = False) -> int:
+    """Run (or with ``resume``, continue) the simulated federation ``cfg`` describes; 0 when it completed.
+
+    The sites are the same on resuming: the partition is drawn again from the same seed, and
+    FedBN's local layers carry on from each site's folder (``RUN_DIR/sites/NAME``).
+    """
     import torch
     from rwft.server.launch import prepare_federation
     from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
@@ -73,7 +81,7 @@ def simulate(cfg: RwftConfig, *, cpus: int) -> int:
           f"training images per site and class (each site keeps {cfg.data.val_fraction:.0%} for validation):\n"
           + describe_partition(parts, splits.train.labels, splits.class_names), flush=True)
 
-    cfg, run_config = prepare_federation(cfg, resume=False)
+    cfg, run_config = prepare_federation(cfg, resume=resume)
     run_dir = Path(cfg.output_dir)
     address = f"127.0.0.1:{free_port()}"
     gpus = 1.0 if torch.cuda.is_available() else 0.0
@@ -91,8 +99,8 @@ def simulate(cfg: RwftConfig, *, cpus: int) -> int:
     finally:
         superlink.stop()
     if status != "finished:completed":
-        print(f"rwft simulate: the run ended as {status}; its log is above and in {run_dir / 'superlink'}",
-              file=sys.stderr)
+        print(f"rwft simulate: the run ended as {status}; its log is above and in {run_dir / 'superlink'}. "
+              f"Continue it with: rwft simulate --resume {run_dir}", file=sys.stderr)
         return 1
     print(f"rwft simulate: done.\n  global model: {run_dir / 'model.pt'}\n  metrics:      {run_dir / 'metrics.json'}\n"
           f"  TensorBoard:  tensorboard --logdir {run_dir}")
