@@ -58,7 +58,10 @@ def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> Ru
         # last.pt is written after best.pt: a crash in between resumes with best.pt current.
         save_checkpoint(last, payload | {"trainer": trainer.state_dict(), "best_auroc": best_so_far["auroc"]})
 
-    with RunLogger(run_dir / "tb") as logger:
+    # Steps are logged as they train, checkpoints written per epoch: a crash leaves steps the
+    # resumed run trains again. Per-epoch validation points sit at steps <= the epoch count.
+    purge_step = resumed["trainer"]["global_step"] + 1 if resumed else None
+    with RunLogger(run_dir / "tb", purge_step=purge_step) as logger:
         result = fit(
             model, splits, cfg, epochs=cfg.train.epochs, device=device, logger=logger,
             select_best=False, progress=progress, on_epoch_end=checkpoint,

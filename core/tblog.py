@@ -22,9 +22,11 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 class RunLogger:
     """Writes event files under ``log_dir``; safe to use as a context manager."""
 
-    def __init__(self, log_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step. TensorBoard then drops what the crashed
+        run logged from that step on (it is logged again), instead of drawing both."""
         self.log_dir = str(log_dir)
-        self.writer = SummaryWriter(log_dir=self.log_dir)
+        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if value is not None and math.isfinite(float(value)):

@@ -28,3 +28,17 @@ def test_scalars_curves_and_hparams_are_readable_by_tensorboard(tmp_path):
     hparams = _load(tmp_path / "hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams.PluginTagToContent("hparams"))
     assert [s.value for s in hparams.Scalars("hparam/test/auroc")] == [0.8999999761581421]
+
+
+def test_a_resumed_run_replaces_the_steps_the_crashed_one_logged(tmp_path):
+    crashed = RunLogger(tmp_path / "tb")
+    for step in range(1, 11):  # checkpointed after step 6, crashed after step 10
+        crashed.scalar("train/loss", 1.0, step)
+    crashed.close()
+    with RunLogger(tmp_path / "tb", purge_step=7) as resumed:
+        for step in range(7, 13):
+            resumed.scalar("train/loss", 0.5, step)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert points == [(step, 1.0) for step in range(1, 7)] + [(step, 0.5) for step in range(7, 13)]
