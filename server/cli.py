@@ -70,13 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 def _start(args: argparse.Namespace) -> int:
     from rwft.server.launch import load_federation_config, prepare_federation
 
-    cfg, run_config = prepare_federation(load_federation_config(args.config, args.overrides, args.resume),
-                                         resume=args.resume is not None)
+    cfg = load_federation_config(args.config, args.overrides, args.resume)
+    certificates = _certificates(cfg)  # TLS files and site keys are checked before anything is written
+    if cfg.federation.site_keys:
+        site_public_keys(cfg.federation.site_keys)
+    cfg, run_config = prepare_federation(cfg, resume=args.resume is not None)
     run_dir = Path(cfg.output_dir)
-    certificates = _certificates(cfg)
     site_keys = cfg.federation.site_keys
-    if site_keys:
-        site_public_keys(site_keys)  # checked before anything starts
     superlink = start_superlink(run_dir, cfg.federation.address, certificates=certificates,
                                 site_auth=bool(site_keys))
     flwr = FlowerCli(run_dir, cfg.federation.address, certificates)

@@ -38,7 +38,7 @@ def prepare_federation(cfg: RwftConfig, *, resume: bool) -> tuple[RwftConfig, di
     """``cfg`` with an absolute ``output_dir``, and the Flower run config of its federation."""
     # The ServerApp (and in simulation every site) runs in another working directory.
     absolute = {"output_dir": cfg.output_dir, "data.root": cfg.data.root, "data.cache_dir": cfg.data.cache_dir,
-                "federation.certificates": cfg.federation.certificates}
+                "federation.certificates": cfg.federation.certificates, "federation.site_keys": cfg.federation.site_keys}
     cfg = with_overrides(cfg, [f"{key}={Path(value).expanduser().resolve()}"
                                for key, value in absolute.items() if value])
     run_dir = Path(cfg.output_dir)

@@ -47,3 +47,15 @@ def test_start_refuses_a_run_directory_that_holds_a_federation(tmp_path, capsys)
     (run / "federation.json").write_text(json.dumps({"id": "x"}))
     assert main(["start", "federation.server_eval=false", f"output_dir={run}"]) == 2
     assert f"Continue it with `--resume {run}`" in capsys.readouterr().err
+
+
+def test_bad_security_settings_are_refused_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "keys").mkdir()
+    assert main(["start", "federation.server_eval=false", f"federation.site_keys={tmp_path / 'keys'}",
+                 f"output_dir={run}"]) == 2
+    assert "federation.site_keys needs TLS" in capsys.readouterr().err
+    assert main(["start", "federation.server_eval=false", f"federation.certificates={tmp_path / 'nowhere'}",
+                 f"output_dir={run}"]) == 2
+    assert "ca.crt, server.crt, server.key missing" in capsys.readouterr().err
+    assert not run.exists()
