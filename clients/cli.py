@@ -29,7 +29,7 @@ from pathlib import Path
 import tomli_w
 from rwft.core.errors import RwftError
 from rwft.core.federated import check_site_label
-from rwft.core.processes import ChildProcess, flower_env, free_port, interrupt_on_sigterm, split_address
+from rwft.core.processes import ChildProcess, flower_env, free_port, run_command, split_address
 from rwft.core.site_keys import check_site_private_key, create_site_key
 from rwft.core.tls import check_root_certificate
 
@@ -39,15 +39,8 @@ ADMISSION_RETRY_S = 10.0  # how often a site whose key is not registered yet ask
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    interrupt_on_sigterm()
-    try:
-        return _keygen(args) if args.command == "keygen" else _join(args)
-    except RwftError as exc:
-        print(f"rwft-client: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rwft-client: left the federation", file=sys.stderr)
-        return 130
+    return run_command("rwft-client", lambda: _keygen(args) if args.command == "keygen" else _join(args),
+                       interrupted="left the federation")
 
 
 def _parser() -> argparse.ArgumentParser:

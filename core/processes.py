@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
+
+from rwft.core.errors import RwftError
 
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
@@ -31,6 +33,25 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.update(extra)
     return env
+
+
+def run_command(prog: str, body: Callable[[], int], *, interrupted: str = "") -> int:
+    """Run a federation command's ``body`` and turn how it ends into an exit code.
+
+    SIGTERM stops it as Ctrl-C does (``interrupt_on_sigterm``); an ``RwftError`` becomes
+    one line ``PROG: error: ...`` and exit code 2; Ctrl-C exit code 130, after
+    ``PROG: interrupted`` when given.
+    """
+    interrupt_on_sigterm()
+    try:
+        return int(body())
+    except RwftError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
 
 
 def interrupt_on_sigterm() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rwft.core.config import RwftConfig, load_config
 from rwft.core.errors import RwftError
-from rwft.core.processes import interrupt_on_sigterm, port_open, split_address
+from rwft.core.processes import port_open, run_command, split_address
 from rwft.core.site_keys import site_public_keys
 from rwft.core.tls import FederationCertificates, create_certificates
 from rwft.server.admission import admit_sites
@@ -36,14 +36,7 @@ from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    interrupt_on_sigterm()
-    try:
-        return int(args.handler(args))
-    except RwftError as exc:
-        print(f"rwft-server: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("rwft-server", lambda: args.handler(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,14 +64,13 @@ def _start(args: argparse.Namespace) -> int:
     from rwft.server.launch import load_federation_config, prepare_federation
 
     cfg = load_federation_config(args.config, args.overrides, args.resume)
-    certificates = _certificates(cfg)  # TLS files and site keys are checked before anything is written
-    if cfg.federation.site_keys:
-        site_public_keys(cfg.federation.site_keys)
+    # TLS files and site keys are checked before anything is written.
+    certificates = _certificates(cfg)
+    site_keys = site_public_keys(cfg.federation.site_keys) if cfg.federation.site_keys else None
     cfg, run_config = prepare_federation(cfg, resume=args.resume is not None)
     run_dir = Path(cfg.output_dir)
-    site_keys = cfg.federation.site_keys
     superlink = start_superlink(run_dir, cfg.federation.address, certificates=certificates,
-                                site_auth=bool(site_keys))
+                                site_auth=site_keys is not None)
     flwr = FlowerCli(run_dir, cfg.federation.address, certificates)
     try:
         print(f"rwft-server: SuperLink serving {cfg.federation.address} "
@@ -89,10 +81,10 @@ def _start(args: argparse.Namespace) -> int:
                   "cannot tell this server from another. Fine on one machine or inside a VPN; otherwise make "
                   "certificates with `rwft-server certs --out DIR --host THIS_HOST` and pass "
                   "federation.certificates=DIR.", file=sys.stderr, flush=True)
-        if site_keys:
+        if site_keys is not None:
             admitted = admit_sites(flwr, site_keys, run_dir)
-            print(f"rwft-server: admitting only the sites with a key in {site_keys}: {', '.join(admitted)}",
-                  flush=True)
+            print(f"rwft-server: admitting only the sites with a key in {cfg.federation.site_keys}: "
+                  f"{', '.join(admitted)}", flush=True)
         _wait_for_sites(flwr, cfg)
         run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config))
         print(f"rwft-server: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)

@@ -21,22 +21,14 @@ from pathlib import Path
 
 from rwft.core.config import RwftConfig, with_overrides
 from rwft.core.data import load_splits
-from rwft.core.errors import RwftError
 from rwft.core.partition import describe_partition, partition_indices
-from rwft.core.processes import free_port, interrupt_on_sigterm
+from rwft.core.processes import free_port, run_command
 
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``rwft simulate`` (``rwft.core.cli`` hands it the arguments)."""
     args = _parser().parse_args(list(argv))
-    interrupt_on_sigterm()
-    try:
-        return simulate(_config(args), cpus=args.cpus, resume=args.resume is not None)
-    except RwftError as exc:
-        print(f"rwft simulate: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("rwft simulate", lambda: simulate(_config(args), cpus=args.cpus, resume=args.resume is not None))
 
 
 def _parser() -> argparse.ArgumentParser:
