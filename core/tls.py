@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rwft.core.checkpoint import atomic_write_bytes
 from rwft.core.errors import RwftError
 
 LOCAL_NAMES = ("localhost", "127.0.0.1")  # the ServerApp and flwr reach the SuperLink locally
@@ -130,10 +131,8 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, content: bytes, *, secret: bool = False) -> None:
-    """Write ``content``; a secret is created with mode 0600, never readable by others even briefly."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    descriptor = os.open(path, flags, 0o600 if secret else 0o644)
-    if secret:
-        os.chmod(path, 0o600)  # an overwritten file keeps its old mode otherwise
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(content)
+    """Write ``content`` atomically; the temporary file is created 0600, so a secret is never
+    readable by others, even briefly, and a public file is opened up once complete."""
+    atomic_write_bytes(path, lambda handle: handle.write(content))
+    if not secret:
+        os.chmod(path, 0o644)

@@ -5,7 +5,7 @@ The SuperLink keeps its registrations in its state database, which outlives a re
 recorded beside that database (``superlink/site_keys.json``: name, node id, key), and
 at each start the folder is the truth: a new ``.pub`` file is registered, one whose key
 changed is re-registered, and one removed from the folder is unregistered, which
-revokes that hospital.
+revokes that hospital. The folder is read and checked by ``rwft.core.site_keys.site_public_keys``.
 """
 
 from __future__ import annotations
@@ -13,31 +13,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rwft.core.site_keys import site_public_keys
+from rwft.core.checkpoint import write_json
 from rwft.server.superlink import FlowerCli
 
 
-def admit_sites(flwr: FlowerCli, folder: str, run_dir: Path) -> list[str]:
-    """Make the SuperLink admit exactly the sites with a key in ``folder``; returns their names."""
+def admit_sites(flwr: FlowerCli, keys: dict[str, Path], run_dir: Path) -> list[str]:
+    """Make the SuperLink admit exactly the sites with a key in ``keys`` (``site_public_keys``);
+    returns their names."""
     record_file = run_dir / "superlink" / "site_keys.json"
     registered: dict[str, dict[str, str | int]] = (
         json.loads(record_file.read_text()) if record_file.is_file() else {})
-    keys = site_public_keys(folder)
     wanted = {name: path.read_text().split()[1] for name, path in keys.items()}  # the base64 key itself
     for name, entry in list(registered.items()):
         if wanted.get(name) != entry["key"]:  # removed from the folder, or its key replaced
             flwr.unregister_site(int(entry["node_id"]))
             del registered[name]
-            _save(record_file, registered)
+            write_json(record_file, registered)
     for name, key in wanted.items():
         if name not in registered:
             node_id = flwr.register_site(keys[name], name)
             registered[name] = {"node_id": node_id, "key": key}
-            _save(record_file, registered)
+            write_json(record_file, registered)
     return sorted(registered)
 
-
-def _save(record_file: Path, registered: dict) -> None:
-    temporary = record_file.with_suffix(".tmp")
-    temporary.write_text(json.dumps(registered, indent=2))
-    temporary.replace(record_file)

@@ -171,7 +171,7 @@ def test_the_registered_sites_follow_the_key_folder_across_restarts(tmp_path):
         superlink = start_superlink(run_dir, address, certificates=certificates, site_auth=True)
         try:
             flwr = FlowerCli(run_dir, address, certificates)
-            names = admit_sites(flwr, str(keys), run_dir)
+            names = admit_sites(flwr, site_public_keys(keys), run_dir)
             return names, {node["node-id"]: node["status"] for node in flwr.nodes()}
         finally:
             superlink.stop()
