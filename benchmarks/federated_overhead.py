@@ -5,7 +5,7 @@
   PneumoniaMNIST (``../shared/data``), ``--rounds`` rounds of FedAvg.
 - **Local**: exactly the same work in one process: the same ServerApp code
   (``rwft.server.app.run_federation``) and ClientApp code (``rwft.clients.app``), with the
-  messages handed from one to the other in memory (``tests/inprocess_grid.py``): no
+  messages handed from one to the other in memory (``federation/inprocess.py``): no
   SuperLink, no SuperNodes, no serialisation, sites trained one after the other.
 
 A round's time is the gap between two rounds' commits (``finished_at`` in
@@ -87,9 +87,9 @@ def run_local(overrides: list[str], sites: list[Path], run_dir: Path) -> list[di
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from inprocess_grid import InProcessGrid
     from rwft.clients.app import app as client_app
     from rwft.core.config import load_config
+    from rwft.federation.inprocess import InProcessGrid
     from rwft.server.app import run_federation
     from rwft.server.launch import prepare_federation
 

@@ -9,7 +9,7 @@ scalar metrics. ``evaluate``: score the global model on the site's validation sp
 
 What leaves the site, and nothing else (``tests/test_privacy.py`` checks every reply):
 
-- the model weights that travel (``rwft.core.federated``: never FedBN's local layers);
+- the model weights that travel (``rwft.federation.protocol``: never FedBN's local layers);
 - a ``MetricRecord`` of numbers, each a count or a mean over a whole split (loss, AUROC,
   accuracy, ...), never a value per image;
 - the site's label, a pseudonym its operator chose to be shown to the federation
@@ -30,12 +30,13 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
 from rwft.clients.site import Site, site_for
 from rwft.core.config import with_overrides
 from rwft.core.data import ImageSplit
 from rwft.core.engine import evaluate_split, fit
-from rwft.core.federated import RECEIVED_PREFIX, shared_arrays
 from rwft.core.model import RwftModel
+from rwft.federation.protocol import RECEIVED_PREFIX, shared_arrays
 
 app = ClientApp()
 

@@ -1,7 +1,7 @@
 """``rwft-client join``: take part in a federation as one hospital.
 
 ``rwft-client keygen --site hospitalA`` makes the site's key pair for federations that
-admit only registered sites (``rwft.core.site_keys``).
+admit only registered sites (``rwft.federation.site_keys``).
 
 ``rwft-client join --site hospitalA --server HOST:PORT --data PATH`` first checks the
 site's data locally (images per class and split, unreadable files listed; an empty site
@@ -27,11 +27,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tomli_w
+
 from rwft.core.errors import RwftError
-from rwft.core.federated import check_site_label
-from rwft.core.processes import ChildProcess, flower_env, free_port, run_command, split_address
-from rwft.core.site_keys import check_site_private_key, create_site_key
-from rwft.core.tls import check_root_certificate
+from rwft.federation.processes import ChildProcess, flower_env, free_port, run_command, split_address
+from rwft.federation.protocol import check_site_label
+from rwft.federation.site_keys import check_site_private_key, create_site_key
+from rwft.federation.tls import check_root_certificate
 
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
 ADMISSION_RETRY_S = 10.0  # how often a site whose key is not registered yet asks again
@@ -161,6 +162,7 @@ def _why_the_supernode_stopped(args: argparse.Namespace, supernode: ChildProcess
 
 def _serve_warm(runtime_address: str, threads: int | None, stop: threading.Event) -> None:
     import torch
+
     from rwft.clients.app import app
     from rwft.clients.worker import serve
 

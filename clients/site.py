@@ -30,12 +30,16 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
+
 from rwft.core.checkpoint import atomic_write_bytes
 from rwft.core.config import RwftConfig
 from rwft.core.data import DatasetSplits, ImageSplit, load_splits, stratified_split
 from rwft.core.engine import select_device
 from rwft.core.errors import ConfigError, DataError
-from rwft.core.federated import (
+from rwft.core.model import RwftModel, build_model
+from rwft.core.partition import partition_indices
+from rwft.core.tblog import RunLogger
+from rwft.federation.protocol import (
     FEDERATION_ID_KEY,
     NUM_CLASSES_KEY,
     check_site_label,
@@ -43,9 +47,6 @@ from rwft.core.federated import (
     load_shared,
     local_state,
 )
-from rwft.core.model import RwftModel, build_model
-from rwft.core.partition import partition_indices
-from rwft.core.tblog import RunLogger
 
 LOCAL_WEIGHTS_KEY = "rwft-local-weights"  # in the node's Flower state (context.state)
 

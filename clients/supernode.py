@@ -1,7 +1,7 @@
 """Flower's SuperNode with its idle waits capped: ``python -m rwft.clients.supernode ARGS``.
 
 It takes exactly ``flower-supernode``'s arguments and runs Flower's own SuperNode with
-rwft's adjustments to its loop (``rwft.core.flower_patches``: capped waits, stray replies
+rwft's adjustments to its loop (``rwft.federation.flower_compat``: capped waits, stray replies
 pushed) and with timestamps in its log, so that a site can see when each round's
 messages came and went.
 """
@@ -14,7 +14,8 @@ import sys
 def main() -> None:
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode
-    from rwft.core.flower_patches import patch_supernode
+
+    from rwft.federation.flower_compat import patch_supernode
 
     patch_supernode()
     update_console_handler(timestamps=True, colored=False)

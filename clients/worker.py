@@ -8,7 +8,7 @@ this loop beside it: it takes each ClientApp task from the SuperNode's runtime A
 rwft's ClientApp here, where the imports, the decoded images and the built model stay
 warm (``rwft.clients.site``), and hands the reply back. It speaks the runtime API exactly
 as a ``flwr-clientapp`` process does (``flwr.supernode.runtime.run_clientapp``), one task
-at a time; only the wait for a message's weights is shorter (``rwft.core.flower_patches``).
+at a time; only the wait for a message's weights is shorter (``rwft.federation.flower_compat``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
-from rwft.core.flower_patches import POLL_S, PULL_BACKOFF
+
+from rwft.federation.flower_compat import POLL_S, PULL_BACKOFF
 
 STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well within this
 

@@ -28,8 +28,9 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -112,10 +112,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_simulate(argv: Sequence[str]) -> int:
-    from rwft.server.simulation import main as simulate_main
-
-    return simulate_main(list(argv))
+BUILT_IN_COMMANDS = ("train", "evaluate", "plugins", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,16 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(config)
     config.set_defaults(handler=_cmd_config)
 
-    sub.add_parser("simulate", help="simulated federation of hospitals (see rwft simulate --help)",
-                   add_help=False)
+    from rwft.core.plugins import get_registries
+
+    for command in get_registries().commands:  # plugin commands parse their own arguments
+        sub.add_parser(command.name, help=f"{command.description} (see rwft {command.name} --help)",
+                       add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "simulate":  # its own parser lives with the server
-            return _cmd_simulate(argv[1:])
+        if argv and not argv[0].startswith("-") and argv[0] not in BUILT_IN_COMMANDS:
+            from rwft.core.plugins import get_registries
+
+            commands = get_registries().commands
+            if argv[0] in commands:  # a plugin's command parses its own arguments
+                return int(commands.get(argv[0]).factory(argv[1:]))
         args = build_parser().parse_args(argv)
         return int(args.handler(args))
     except RwftError as exc:

@@ -8,9 +8,10 @@ resolved config is saved as ``config.yaml`` in the run directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +25,7 @@ __all__ = ["MISSING", "RwftConfig", "load_config", "save_config", "to_container"
 class ModelConfig:
     backbone: str = "efficientnet_lite0"  # registry name, timm name, or family/arch
     pretrained: bool = True  # false = same architecture, random init ("scratch")
-    weights: Optional[str] = None  # local weights file instead of the hub/package default
+    weights: str | None = None  # local weights file instead of the hub/package default
     adapter: str = "replicate"  # grayscale -> 3 channels: replicate | conv1x1 | weightsum
     mode: str = "full"  # full (fine-tune everything) | probe (frozen backbone, train the head)
     dropout: float = 0.2
@@ -33,13 +34,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "medmnist"  # medmnist | chest_xray | a plugin's dataset
-    root: Optional[str] = None  # file or folder; else $RWFT_DATA_DIR; else the dataset's downloader
+    root: str | None = None  # file or folder; else $RWFT_DATA_DIR; else the dataset's downloader
     image_size: int = 64
     val_fraction: float = 0.1  # carved from train (stratified) when the official val is tiny
     augment: bool = True
     on_bad_file: str = "error"  # error | skip (skipped files are reported)
-    cache_dir: Optional[str] = None  # decoded-image cache; default ~/.cache/rwft
-    max_train_images: Optional[int] = None  # stratified subsample for quick runs
+    cache_dir: str | None = None  # decoded-image cache; default ~/.cache/rwft
+    max_train_images: int | None = None  # stratified subsample for quick runs
 
 
 @dataclass
@@ -52,8 +53,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and benchmarks
-    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks
+    num_threads: int | None = None  # torch CPU threads; None = torch's default
 
 
 @dataclass
@@ -69,8 +70,8 @@ class FederationConfig:
     trimmed_beta: float = 0.2  # fraction trimmed at each end by fedtrimmedavg
     krum_byzantine: int = 0  # sites Krum assumes may be malicious
     address: str = "127.0.0.1:9092"  # host:port the SuperLink serves (sites, flwr CLI); 0.0.0.0:PORT for remote sites
-    certificates: Optional[str] = None  # folder with ca.crt, server.crt, server.key (rwft-server certs): TLS
-    site_keys: Optional[str] = None  # folder of admitted sites' NAME.pub (rwft-client keygen); needs certificates
+    certificates: str | None = None  # folder with ca.crt, server.crt, server.key (rwft-server certs): TLS
+    site_keys: str | None = None  # folder of admitted sites' NAME.pub (rwft-client keygen); needs certificates
     wait_timeout_s: float = 600.0  # how long the server waits for min_sites before giving up
     server_eval: bool = True  # evaluate the global model on a server-side held-out set
     round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long

@@ -15,9 +15,10 @@ import dataclasses
 import math
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,11 +52,11 @@ class ImageSplit:
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
-    def subset(self, index: np.ndarray) -> "ImageSplit":
+    def subset(self, index: np.ndarray) -> ImageSplit:
         return ImageSplit(self.images[index], self.labels[index])
 
     @staticmethod
-    def empty(image_size: int) -> "ImageSplit":
+    def empty(image_size: int) -> ImageSplit:
         return ImageSplit(np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int64))
 
 

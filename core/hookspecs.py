@@ -116,3 +116,20 @@ def register_datasets(register: Register) -> None:
     - Bad files raise ``DataError`` naming each file and the fix, or, when
       ``data.on_bad_file == "skip"``, are left out and listed in ``DatasetSplits.skipped``.
     """
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Register subcommands of the ``rwft`` command line (``rwft NAME ...``).
+
+    Contract of ``factory(argv: list[str]) -> int``:
+
+    - ``argv`` is everything after ``rwft NAME``; the command parses it itself (its own
+      ``argparse`` parser, so ``rwft NAME --help`` works) and returns the process exit code.
+    - A user's mistake raises ``rwft.core.errors.RwftError`` (printed as one line, exit 2),
+      never a traceback.
+    - ``description`` is the one line ``rwft --help`` shows.
+    - The factory imports what it needs (Flower, Ray) when it runs, not at registration:
+      registering commands must stay cheap and must not need those packages installed.
+      This is how ``rwft.core`` offers ``rwft simulate`` without importing Flower itself.
+    """

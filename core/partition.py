@@ -20,9 +20,9 @@ alternative, never terminates with two classes, many sites and a small ALPHA.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pluggy
 
@@ -31,9 +32,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.datasets_chest_xray",
     "rwft.plugins.datasets_medmnist",
     "rwft.plugins.strategies",
+    "rwft.plugins.commands",
 )
 
-KINDS = ("backbones", "adapters", "strategies", "datasets")
+KINDS = ("backbones", "adapters", "strategies", "datasets", "commands")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Registries:
     adapters: Registry
     strategies: Registry
     datasets: Registry
+    commands: Registry
 
     def of(self, kind: str) -> Registry:
         return getattr(self, kind)

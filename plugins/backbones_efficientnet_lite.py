@@ -17,15 +17,15 @@ for that one.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 from torch import nn
 
-from rwft.core.hookspecs import Register, hookimpl
 from rwft.core.errors import WeightsError
+from rwft.core.hookspecs import Register, hookimpl
 from rwft.core.model import Backbone, load_state_dict_file
 
 VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

@@ -24,9 +24,8 @@ import difflib
 import timm
 from torch import nn
 
-from rwft.core.errors import PluginError
+from rwft.core.errors import PluginError, WeightsError
 from rwft.core.hookspecs import Register, hookimpl
-from rwft.core.errors import WeightsError
 from rwft.core.model import Backbone, weights_file
 
 

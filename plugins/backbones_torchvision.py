@@ -22,9 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-from rwft.core.errors import PluginError
+from rwft.core.errors import PluginError, WeightsError
 from rwft.core.hookspecs import Register, hookimpl
-from rwft.core.errors import WeightsError
 from rwft.core.model import Backbone, load_state_dict_file
 
 # The statistics every torchvision ImageNet classification weight was trained with.

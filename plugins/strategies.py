@@ -13,7 +13,7 @@ between rounds in array attributes (FedAdam's moments) is checkpointed and resum
 - ``fedadam`` / ``fedyogi``: FedAvg's mean used as a pseudo-gradient for a server-side
   Adam / Yogi step (Reddi et al. 2021); ``federation.server_lr`` is the server step size,
   about the change of every weight per round, so fine-tuning wants it small (1e-3).
-  BatchNorm's running statistics are averaged, not stepped (``rwft.server.server_optimisers``).
+  BatchNorm's running statistics are averaged, not stepped (``rwft.federation.server_optimisers``).
 - ``fedmedian``: coordinate-wise median (Yin et al. 2018), robust to an outlier site.
 - ``fedtrimmedavg``: coordinate-wise mean after trimming ``federation.trimmed_beta`` of
   the values at each end.
@@ -48,13 +48,13 @@ def fedprox(config: RwftConfig, **common: Any) -> Strategy:
 
 
 def fedadam(config: RwftConfig, **common: Any) -> Strategy:
-    from rwft.server.server_optimisers import RwftFedAdam
+    from rwft.federation.server_optimisers import RwftFedAdam
 
     return RwftFedAdam(eta=config.federation.server_lr, eta_l=config.train.lr, **common)
 
 
 def fedyogi(config: RwftConfig, **common: Any) -> Strategy:
-    from rwft.server.server_optimisers import RwftFedYogi
+    from rwft.federation.server_optimisers import RwftFedYogi
 
     return RwftFedYogi(eta=config.federation.server_lr, eta_l=config.train.lr, **common)
 

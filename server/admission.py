@@ -5,7 +5,7 @@ The SuperLink keeps its registrations in its state database, which outlives a re
 recorded beside that database (``superlink/site_keys.json``: name, node id, key), and
 at each start the folder is the truth: a new ``.pub`` file is registered, one whose key
 changed is re-registered, and one removed from the folder is unregistered, which
-revokes that hospital. The folder is read and checked by ``rwft.core.site_keys.site_public_keys``.
+revokes that hospital. The folder is read and checked by ``rwft.federation.site_keys.site_public_keys``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Flower ServerApp of a federation (``rwft.server.app:app``).
 
-It reads the run's config (``rwft.core.federated``), takes the strategy from the strategy
+It reads the run's config (``rwft.federation.protocol``), takes the strategy from the strategy
 registry, and runs the rounds (``rwft.server.rounds``). After round 0 (the starting
 weights) and after every round it scores the global model on the server's held-out
 data (``rwft.server.holdout``), commits the round to the run directory
@@ -19,15 +19,16 @@ from typing import Any
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+
 from rwft.core.checkpoint import save_checkpoint, write_json
 from rwft.core.config import RwftConfig, to_container
 from rwft.core.engine import seed_everything
 from rwft.core.errors import RwftError
-from rwft.core.federated import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
-from rwft.core.flower_patches import patch_grid
 from rwft.core.model import build_model
 from rwft.core.plugins import Registries, get_registries
 from rwft.core.tblog import RunLogger
+from rwft.federation.flower_compat import patch_grid
+from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
 from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
 from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds

@@ -10,9 +10,9 @@ federation after its last completed round, for example after a crash.
 ``rwft-server status [RUN_DIR]`` shows the rounds completed and the sites online.
 
 ``rwft-server certs --out DIR --host NAME`` makes the federation's TLS certificates
-(``rwft.core.tls``); ``start ... federation.certificates=DIR`` then serves TLS only, and
+(``rwft.federation.tls``); ``start ... federation.certificates=DIR`` then serves TLS only, and
 ``federation.site_keys=KEYS`` admits only the hospitals whose public key is in KEYS
-(``rwft.core.site_keys``, ``rwft.server.admission``).
+(``rwft.federation.site_keys``, ``rwft.server.admission``).
 
 Ctrl-C stops the run and the SuperLink; continue later with ``--resume``.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 
 from rwft.core.config import RwftConfig, load_config
 from rwft.core.errors import RwftError
-from rwft.core.processes import port_open, run_command, split_address
-from rwft.core.site_keys import site_public_keys
-from rwft.core.tls import FederationCertificates, create_certificates
+from rwft.federation.processes import port_open, run_command, split_address
+from rwft.federation.site_keys import site_public_keys
+from rwft.federation.tls import FederationCertificates, create_certificates
 from rwft.server.admission import admit_sites
 from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 

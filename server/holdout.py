@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
+
 from rwft.core.config import RwftConfig
 from rwft.core.data import DatasetSplits, load_splits
 from rwft.core.engine import evaluate_split, predict, select_device
 from rwft.core.errors import DataError
-from rwft.core.federated import load_shared
 from rwft.core.metrics import binary_metrics, pick_threshold, report
 from rwft.core.model import RwftModel
+from rwft.federation.protocol import load_shared
 
 # The scores shown per round (the clinical ones; evaluate_split computes more).
 ROUND_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "loss")

@@ -9,13 +9,14 @@ how many classes the model has.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rwft.core.config import RwftConfig, load_config, save_config, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.errors import RwftError
-from rwft.core.federated import run_config_for
+from rwft.federation.protocol import run_config_for
 from rwft.server.app import DEFAULT_CLASS_NAMES
 from rwft.server.state import create_federation, federation_id, load_state
 

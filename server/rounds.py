@@ -14,7 +14,7 @@ differ, and are why this loop exists:
 - **It starts at any round.** A resumed federation goes on at the round after its last
   checkpoint, with the real round number (FedAdam's bias correction depends on it).
 - **No idle waits.** It polls for replies every ``POLL_S`` seconds, where
-  ``Grid.send_and_receive`` sleeps 3 s (``rwft.core.flower_patches`` has the other waits).
+  ``Grid.send_and_receive`` sleeps 3 s (``rwft.federation.flower_compat`` has the other waits).
 
 It also refuses to wait forever: before each round it waits at most
 ``federation.wait_timeout_s`` for ``federation.min_sites`` sites (Flower's node sampling
@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
 from rwft.core.errors import RwftError
-from rwft.core.federated import RECEIVED_PREFIX, SITE_LABEL, update_norm
-from rwft.core.flower_patches import POLL_S
+from rwft.federation.flower_compat import POLL_S
+from rwft.federation.protocol import RECEIVED_PREFIX, SITE_LABEL, update_norm
 
 
 class FederationError(RwftError):

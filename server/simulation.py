@@ -22,7 +22,7 @@ from pathlib import Path
 from rwft.core.config import RwftConfig, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.partition import describe_partition, partition_indices
-from rwft.core.processes import free_port, run_command
+from rwft.federation.processes import free_port, run_command
 
 
 def main(argv: Sequence[str]) -> int:
@@ -63,6 +63,7 @@ def simulate(cfg: RwftConfig, *, cpus: int, resume: bool = False) -> int:
     FedBN's local layers carry on from each site's folder (``RUN_DIR/sites/NAME``).
     """
     import torch
+
     from rwft.server.launch import prepare_federation
     from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
+
 from rwft.core.checkpoint import atomic_write_bytes, save_checkpoint, write_json
 from rwft.core.errors import RwftError
 
@@ -39,7 +40,7 @@ class FederationState:
     """Everything needed to continue a federation after its last completed round."""
 
     round: int
-    arrays: dict[str, np.ndarray]  # the global weights that travel (rwft.core.federated)
+    arrays: dict[str, np.ndarray]  # the global weights that travel (rwft.federation.protocol)
     strategy: dict[str, Any]  # see strategy_state
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per completed round, 0 first
 

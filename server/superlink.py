@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
 from rwft.core.errors import RwftError
-from rwft.core.processes import ChildProcess, flower_env, split_address
-from rwft.core.tls import FederationCertificates
+from rwft.federation.processes import ChildProcess, flower_env, split_address
+from rwft.federation.tls import FederationCertificates
 
 CONNECTION = "rwft"
 STARTUP_TIMEOUT_S = 120.0  # the SuperLink imports Flower and opens its database
@@ -47,9 +48,9 @@ def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
                     certificates: FederationCertificates | None = None, site_auth: bool = False) -> ChildProcess:
     """Start ``flower-superlink`` for ``run_dir`` serving ``address``; returns once it accepts connections.
 
-    With ``certificates`` it serves TLS only (``rwft.core.tls``); without, plain HTTP. With
+    With ``certificates`` it serves TLS only (``rwft.federation.tls``); without, plain HTTP. With
     ``site_auth`` it admits only SuperNodes whose keys were registered
-    (``FlowerCli.register_site``, ``rwft.core.site_keys``).
+    (``FlowerCli.register_site``, ``rwft.federation.site_keys``).
     """
     host, port = split_address(address)
     (run_dir / "superlink").mkdir(parents=True, exist_ok=True)

@@ -83,14 +83,14 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5) -> Non
 
 def in_process_federation(tmp_path: Path, npz: Path, overrides: Sequence[str] = (), *, sites: int = 2,
                           registries=None, simulated: bool = True):
-    """Run a whole federation in this process (``tests/inprocess_grid.py``); returns the grid and config.
+    """Run a whole federation in this process (``federation/inprocess.py``); returns the grid and config.
 
     Simulated sites (``partition-id``) split ``npz``'s train split; otherwise each site gets
     its own npz file, as ``rwft-client join`` would.
     """
-    from inprocess_grid import InProcessGrid
     from rwft.clients.app import app as client_app
     from rwft.core.config import load_config
+    from rwft.federation.inprocess import InProcessGrid
     from rwft.server.app import run_federation
     from rwft.server.launch import prepare_federation
 

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import torchvision
 from skimage import data
 
-from rwft.core.errors import PluginError
-from rwft.core.errors import WeightsError
+from rwft.core.errors import PluginError, WeightsError
 from rwft.core.plugins import get_registries
 from rwft.plugins import backbones_efficientnet_lite as lite
 from rwft.plugins import backbones_timm, backbones_torchvision

@@ -13,12 +13,13 @@ from rwft.core.cli import main
 def test_plugins_lists_every_kind_with_its_plugin(capsys):
     assert main(["plugins", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert set(listed) == {"backbones", "adapters", "strategies", "datasets"}
+    assert set(listed) == {"backbones", "adapters", "strategies", "datasets", "commands"}
     by_name = {entry["name"]: entry["plugin"] for kind in listed.values() for entry in kind}
     assert by_name["efficientnet_lite0"] == "rwft.plugins.backbones_efficientnet_lite"
     assert by_name["chest_xray"] == "rwft.plugins.datasets_chest_xray"
     assert by_name["conv1x1"] == "rwft.plugins.adapters"
     assert by_name["fedavg"] == "rwft.plugins.strategies"
+    assert by_name["simulate"] == "rwft.plugins.commands"
 
 
 def test_config_prints_defaults_file_and_overrides(tmp_path, capsys):

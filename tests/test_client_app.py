@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rwft.clients.app as client_module
 import torch
 from federation_helpers import TINY, make_site_files
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
+import rwft.clients.app as client_module
 from rwft.clients.site import LOCAL_WEIGHTS_KEY, dataset_for_path, site_for
 from rwft.core.config import load_config
 from rwft.core.data import load_splits
 from rwft.core.errors import ConfigError
-from rwft.core.federated import STATISTICS_KEY, WEIGHTS_KEY, check_site_label, local_keys, run_config_for, shared_arrays
 from rwft.core.partition import partition_indices
+from rwft.federation.protocol import (
+    STATISTICS_KEY,
+    WEIGHTS_KEY,
+    check_site_label,
+    local_keys,
+    run_config_for,
+    shared_arrays,
+)
 
 
 @pytest.fixture

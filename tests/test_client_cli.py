@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from federation_helpers import Started, make_site_files, wait_for
+
 from rwft.clients.cli import main
-from rwft.core.processes import free_port
+from rwft.federation.processes import free_port
 
 
 def test_an_empty_site_is_refused_before_anything_starts(tmp_path, capsys):

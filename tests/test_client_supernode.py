@@ -1,4 +1,4 @@
-"""rwft's adjustments to Flower's SuperNode loop (``rwft.core.flower_patches``) still apply to
+"""rwft's adjustments to Flower's SuperNode loop (``rwft.federation.flower_compat``) still apply to
 the installed Flower, and a stray reply can no longer hold back the next one."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import textwrap
 import time
 
-from rwft.core.flower_patches import POLL_S, _or_waiting_reply
+from rwft.federation.flower_compat import POLL_S, _or_waiting_reply
 
 
 def _node_state_holding_a_reply(run_id: int):
@@ -48,7 +48,7 @@ def test_the_patches_apply_to_the_installed_flower():
     # In a fresh interpreter, as in `python -m rwft.clients.supernode`: nothing else patched yet.
     code = textwrap.dedent("""
         import time
-        from rwft.core.flower_patches import patch_grid, patch_supernode
+        from rwft.federation.flower_compat import patch_grid, patch_supernode
         import flwr.supernode.start_client_internal as node_loop
         assert patch_supernode() and patch_supernode() and patch_grid()
         started = time.monotonic()

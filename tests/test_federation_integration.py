@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 from federation_helpers import BIN, TINY, Started, join, make_site_files
-from rwft.core.checkpoint import load_checkpoint
-from rwft.core.processes import free_port
-from rwft.server.state import load_state
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rwft.core.checkpoint import load_checkpoint
+from rwft.federation.processes import free_port
+from rwft.server.state import load_state
 
 pytestmark = pytest.mark.integration
 

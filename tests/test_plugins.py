@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from rwft.core.config import ModelConfig
-from rwft.core.errors import PluginError
+from rwft.core.errors import PluginError, WeightsError
 from rwft.core.hookspecs import hookimpl
-from rwft.core.errors import WeightsError
 from rwft.core.model import RwftModel, build_model, trainable_parameters
 from rwft.core.plugins import collect_registries, get_registries, make_plugin_manager
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from federation_helpers import in_process_federation
 from flwr.app import Context, Message, RecordDict
+
 from rwft.clients.app import SiteError
 from rwft.clients.app import app as client_app
-from rwft.core.federated import SITE_LABEL, WEIGHTS_KEY, layout, run_config_for
 from rwft.core.model import build_model
+from rwft.federation.protocol import SITE_LABEL, WEIGHTS_KEY, layout, run_config_for
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_counts_are_totals_of_whole_splits(federation):
 def test_a_failing_site_sends_only_the_type_of_its_error(tmp_path, pneumoniamnist_npz):
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
+
     from rwft.core.config import load_config
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1

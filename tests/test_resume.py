@@ -11,9 +11,10 @@ import json
 import numpy as np
 import pytest
 from federation_helpers import BIN, TINY, Started, join, make_site_files, wait_for
-from rwft.core.processes import free_port
-from rwft.core.site_keys import create_site_key
-from rwft.core.tls import create_certificates
+
+from rwft.federation.processes import free_port
+from rwft.federation.site_keys import create_site_key
+from rwft.federation.tls import create_certificates
 from rwft.server.state import load_state
 
 pytestmark = pytest.mark.integration

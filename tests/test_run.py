@@ -1,7 +1,6 @@
 """``rwft train`` end to end on real PneumoniaMNIST with the default ImageNet backbone."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

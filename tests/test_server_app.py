@@ -8,15 +8,16 @@ import json
 import numpy as np
 import pytest
 from federation_helpers import TINY, in_process_federation
-from inprocess_grid import InProcessGrid
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from rwft.clients.app import app as client_app
 from rwft.core.config import load_config
 from rwft.core.errors import RwftError
 from rwft.core.run import evaluate
+from rwft.federation.inprocess import InProcessGrid
 from rwft.server.app import run_federation
 from rwft.server.launch import prepare_federation
 from rwft.server.state import load_state
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 from federation_helpers import BIN, Started, in_process_federation
-from rwft.core.processes import free_port, port_open
+
+from rwft.federation.processes import free_port, port_open
 from rwft.server.cli import main
 
 

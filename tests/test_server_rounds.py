@@ -7,6 +7,7 @@ import time
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
 from rwft.server.rounds import FederationError, exchange, wait_for_sites
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.serverapp.strategy import FedAdam, FedAvg
+
 from rwft.core.errors import RwftError
 from rwft.server.state import (
     FederationState,

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 from federation_helpers import BIN, TINY
+
 from rwft.server.simulation import main
 
 pytestmark = pytest.mark.integration

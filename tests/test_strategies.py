@@ -12,11 +12,12 @@ import pytest
 from federation_helpers import in_process_federation
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Krum
+
 from rwft.core.config import load_config, with_overrides
-from rwft.core.federated import STATISTICS_KEY, WEIGHTS_KEY
 from rwft.core.hookspecs import hookimpl
 from rwft.core.plugins import collect_registries, get_registries, make_plugin_manager
-from rwft.server.server_optimisers import RwftFedAdam
+from rwft.federation.protocol import STATISTICS_KEY, WEIGHTS_KEY
+from rwft.federation.server_optimisers import RwftFedAdam
 from rwft.server.app import make_strategy
 
 BUILT_IN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")

@@ -14,14 +14,15 @@ import subprocess
 import pytest
 from cryptography import x509
 from federation_helpers import BIN, TINY, Started, join, make_site_files, wait_for
+
 from rwft.core.errors import RwftError
-from rwft.core.processes import free_port
-from rwft.core.site_keys import (
+from rwft.federation.processes import free_port
+from rwft.federation.site_keys import (
     check_site_private_key,
     create_site_key,
     site_public_keys,
 )
-from rwft.core.tls import (
+from rwft.federation.tls import (
     FederationCertificates,
     check_root_certificate,
     create_certificates,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from rwft.core.hookspecs import Register, hookimpl
 from rwft.core.errors import WeightsError
+from rwft.core.hookspecs import Register, hookimpl
 from rwft.core.model import Backbone, load_state_dict_file
 
 

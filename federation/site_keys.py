@@ -1,6 +1,6 @@
 """Site keys: which hospitals may join a federation (Flower's SuperNode authentication).
 
-TLS (``rwft.core.tls``) proves the server to the sites. Site keys prove the sites to the
+TLS (``rwft.federation.tls``) proves the server to the sites. Site keys prove the sites to the
 server: each hospital makes a key pair once with ``rwft-client keygen --site NAME``,
 keeps ``NAME.key`` and sends ``NAME.pub`` (public) to the coordinator, who puts the
 ``.pub`` files of every admitted hospital in one folder and serves with
@@ -18,8 +18,9 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from rwft.core.errors import RwftError
-from rwft.core.federated import check_site_label
+from rwft.federation.protocol import check_site_label
 
 
 def create_site_key(folder: str | os.PathLike[str], site: str) -> tuple[Path, Path]:

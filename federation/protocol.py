@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from omegaconf import OmegaConf
+from torch import nn
+
 from rwft.core.config import RwftConfig, to_yaml, with_overrides
 from rwft.core.errors import ConfigError
-from torch import nn
 
 RUN_CONFIG_KEY = "rwft-config"  # the resolved RwftConfig as YAML text
 NUM_CLASSES_KEY = "num-classes"  # so that every site builds the same head

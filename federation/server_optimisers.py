@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
-from rwft.core.federated import STATISTICS_KEY
+
+from rwft.federation.protocol import STATISTICS_KEY
 
 
 class AveragedStatisticsMixin:
