@@ -146,7 +146,7 @@ def _deployed_site(node: Mapping[str, object], run: Mapping[str, object]) -> tup
     # The run decides the model and training; where the data is and how it is cached is the site's.
     cfg = config_from_run(run, {"data.root": data_dir, "data.dataset": dataset,
                                 "data.cache_dir": node.get("cache-dir") or None})
-    return label, cfg, load_splits(cfg)
+    return label, cfg, load_splits(cfg, site=True)
 
 
 def _simulated_site(node: Mapping[str, object], run: Mapping[str, object]) -> tuple[str, RwftConfig, DatasetSplits]:

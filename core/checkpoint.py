@@ -1,14 +1,18 @@
 """Checkpoints written atomically, so that a crash never leaves a half-written file.
 
 A checkpoint is a plain dict saved with ``torch.save``: model weights, the resolved
-config that built the model, class names, the validation-chosen threshold and, for
-resuming, optimiser state and progress counters.
+config that built the model, class names (in label order) and the positive class,
+the validation-chosen threshold and, for resuming, optimiser state, progress
+counters and random states. Everything in it is a tensor or plain data (numbers,
+strings, lists, dicts), so it is read with ``torch.load(weights_only=True)``: a
+checkpoint can never run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise RwftError(f"checkpoint {file} does not exist. Pass a file written by rwft "
                         "(RUN_DIR/best.pt or RUN_DIR/last.pt).")
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data. A pickle may name any Python callable to run
+        # on load, so one downloaded or shared .pt could otherwise run code on the host.
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RwftError(f"checkpoint {file} holds Python objects beyond tensors and plain data (loading it could "
+                        "run code), so rwft refuses to open it. Use a checkpoint written by rwft; if you wrote "
+                        "this one yourself, re-save it with only tensors, numbers, strings, lists and dicts.") from None
     except Exception as exc:
         raise RwftError(f"checkpoint {file} cannot be read ({exc}); it is not an rwft checkpoint "
                         "or is damaged. Use another checkpoint from the run directory.") from exc

@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     console.print(f"[bold]rwft train[/bold] {cfg.model.backbone} ({'ImageNet' if cfg.model.pretrained else 'scratch'}, "
                   f"{cfg.model.mode}, adapter {cfg.model.adapter}) on {cfg.data.dataset} at {cfg.data.image_size}px "
                   f"-> {cfg.output_dir}")
-    result = train(cfg, resume=args.resume is not None, progress=sys.stderr.isatty())
+    result = train(cfg, resume=args.resume is not None, overwrite=args.overwrite, progress=sys.stderr.isatty())
     _print_metrics("test", result.metrics["test"])
     console.print(f"best epoch {result.metrics['best_epoch']}, threshold {result.metrics['threshold']:.3f} "
                   f"(chosen on validation)")
@@ -76,8 +76,13 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rwft.core.run import evaluate
 
-    metrics = evaluate(args.checkpoint, list(args.overrides), split=args.split)
-    _print_metrics(args.split, metrics)
+    data = [item for item in args.arguments if "=" not in item]
+    if len(data) > 1:
+        raise RwftError(f"rwft evaluate scores one data set at a time, got {', '.join(data)}: give one "
+                        "folder or npz file (or data.root=...).")
+    overrides = [item for item in args.arguments if "=" in item]
+    metrics = evaluate(args.checkpoint, overrides, data=data[0] if data else None, split=args.split)
+    _print_metrics(f"{metrics['split']} split", metrics)
     if args.output:
         from rwft.core.checkpoint import write_json
 
@@ -122,12 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train and evaluate one model centrally")
     _add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from RUN_DIR/last.pt")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in output_dir (without it, such a folder is refused)")
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="score a checkpoint (default: test split)")
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint on its test split or on external data")
     evaluate.add_argument("checkpoint", help="RUN_DIR/best.pt")
-    evaluate.add_argument("overrides", nargs="*", help="key=value, e.g. data.root=/other/site")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("arguments", nargs="*", metavar="DATA | key=value",
+                          help="the data to score (a folder or .npz; default: the checkpoint's data), then "
+                               "key=value overrides, e.g. data.class_map.ABNORMAL=PNEUMONIA")
+    evaluate.add_argument("--split", choices=("all", "train", "val", "test"), default=None,
+                          help="what to score: default 'all' for a folder of class folders (an external site), "
+                               "else 'test'")
     evaluate.add_argument("--output", help="also write the metrics as JSON here")
     evaluate.set_defaults(handler=_cmd_evaluate)
 

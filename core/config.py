@@ -8,6 +8,7 @@ resolved config is saved as ``config.yaml`` in the run directory.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ class DataConfig:
     on_bad_file: str = "error"  # error | skip (skipped files are reported)
     cache_dir: str | None = None  # decoded-image cache; default ~/.cache/rwft
     max_train_images: int | None = None  # stratified subsample for quick runs
+    positive_class: str | None = None  # the class sensitivity/AUROC are about; default: rwft.core.classes' rule
+    class_map: dict[str, str] = field(default_factory=dict)  # rename the data's classes: FOLDER=CLASS
 
 
 @dataclass
@@ -130,6 +133,9 @@ def load_config(
         raise ConfigError(f"invalid config {where}: {_short(exc)}. Run `rwft config` to see "
                           "every key with its default and type.") from exc
     _check_choices(merged)
+    if merged.model.mode == "probe" and not merged.model.pretrained:
+        print("rwft: warning: model.mode=probe with model.pretrained=false trains a linear head on random "
+              "features; set model.pretrained=true (or model.mode=full to train from scratch).", file=sys.stderr)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
 
@@ -147,6 +153,19 @@ def _check_choices(cfg: DictConfig) -> None:
                 "federation.local_epochs", "federation.min_sites"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}.")
+    if not cfg.train.lr > 0:
+        raise ConfigError(f"train.lr must be above 0, got {cfg.train.lr} (typical: 1e-4 to 3e-3).")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be at least 0, got {cfg.train.weight_decay}.")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}.")
+    for key in ("train.bootstrap", "seed"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{key} must be at least 0, got {OmegaConf.select(cfg, key)}.")
+    for key in ("train.max_steps_per_epoch", "train.num_threads", "data.max_train_images"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be at least 1 (or null for no limit), got {value}.")
     if not 0.0 < cfg.federation.fraction <= 1.0:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}.")
     if not 0.0 < cfg.data.val_fraction < 1.0:

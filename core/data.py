@@ -28,7 +28,7 @@ from PIL import Image
 from rwft.core.augment import augment_batch
 from rwft.core.config import DataConfig, RwftConfig
 from rwft.core.errors import ConfigError, DataError, PluginError
-from rwft.core.plugins import Registries, get_registries
+from rwft.core.plugins import Registries, call_factory, describe_registration, get_registries
 
 DATA_DIR_ENV = "RWFT_DATA_DIR"
 
@@ -109,6 +109,17 @@ def resolve_data_root(data: DataConfig) -> Path | None:
     return path
 
 
+def dataset_for_path(path: str | os.PathLike[str], default: str) -> str:
+    """The built-in dataset that reads ``path``: ``medmnist`` for an ``.npz`` file or a folder
+    holding ``pneumoniamnist.npz``, ``chest_xray`` for any other folder, else ``default``."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".npz" or (path.is_dir() and (path / "pneumoniamnist.npz").is_file()):
+        return "medmnist"
+    if path.is_dir():
+        return "chest_xray" if default == "medmnist" else default
+    return default
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(len(labels))`` into ``(keep_idx, holdout_idx)``, stratified and seeded.
 
@@ -168,26 +179,44 @@ def load_data(data: DataConfig, *, seed: int, registries: Registries | None = No
     registration = (registries or get_registries()).datasets.get(data.dataset)
     root = resolve_data_root(data)
     resolved = dataclasses.replace(data, root=None if root is None else str(root))
-    splits: DatasetSplits = registration.factory(resolved, seed=seed)
+    splits: DatasetSplits = call_factory(registration, "a rwft.core.data.DatasetSplits",
+                                         lambda value: isinstance(value, DatasetSplits), resolved, seed=seed)
     expected = (data.image_size, data.image_size)
     for name in ("train", "val", "test"):
         split: ImageSplit = getattr(splits, name)
         if split.images.shape[1:] != expected:
-            raise PluginError(f"dataset {data.dataset!r} (plugin {registration.plugin!r}) returned {name} "
-                              f"images of size {split.images.shape[1:]}, not data.image_size {expected}.")
+            raise PluginError(f"{describe_registration(registration)} returned {name} images of size "
+                              f"{split.images.shape[1:]}, not data.image_size {expected}.")
+        if len(split) and not 0 <= split.labels.min() <= split.labels.max() < splits.num_classes:
+            raise PluginError(f"{describe_registration(registration)} returned {name} labels outside 0.."
+                              f"{splits.num_classes - 1} for its {splits.num_classes} class names.")
     return splits
 
 
-def load_splits(cfg: RwftConfig, registries: Registries | None = None) -> DatasetSplits:
+def load_splits(cfg: RwftConfig, registries: Registries | None = None, *,
+                class_order: Sequence[str] | None = None, site: bool = False) -> DatasetSplits:
     """The train/val/test splits a run trains on, per ``cfg.data`` and ``cfg.seed``.
 
-    Calls the dataset factory (``load_data``), then keeps a seeded, stratified
-    subsample of ``data.max_train_images`` training images if set (val and test are
-    never subsampled: scores stay comparable). Files left out because of
+    Calls the dataset factory (``load_data``), renames classes per ``data.class_map``,
+    then puts them in order: the order of ``class_order`` (a checkpoint's class names,
+    matched by name; ``rwft.core.classes.aligned``) when given, else negative first and
+    positive second (``rwft.core.classes.positive_last``). ``check_splits`` then
+    refuses splits training cannot use (``site=True``: a federated site's splits, where
+    a missing class is a warning). Last, a seeded, stratified subsample of
+    ``data.max_train_images`` training images is kept if set (val and test are never
+    subsampled: scores stay comparable). Files left out because of
     ``data.on_bad_file=skip`` are printed to stderr.
     """
+    from rwft.core import classes
+
     data = as_data_config(cfg.data)
     splits = load_data(data, seed=cfg.seed, registries=registries)
+    splits = classes.renamed(splits, data.class_map)
+    if class_order is not None:
+        splits = classes.aligned(splits, class_order)
+    else:
+        splits = classes.positive_last(splits, data.positive_class)
+        check_splits(splits, data.dataset, site=site)
     if data.max_train_images is not None:
         if data.max_train_images < 1:
             raise ConfigError(f"data.max_train_images must be at least 1, got {data.max_train_images}.")
@@ -197,6 +226,32 @@ def load_splits(cfg: RwftConfig, registries: Registries | None = None) -> Datase
     if splits.skipped:
         print(skipped_report(splits.skipped), file=sys.stderr)
     return splits
+
+
+def check_splits(splits: DatasetSplits, dataset: str, *, site: bool = False) -> None:
+    """Refuse splits a run cannot train and score on, whatever dataset plugin made them.
+
+    Every split must hold images of every class: training needs both classes, the
+    threshold is chosen on val and AUROC is undefined on a one-class test. Raises
+    ``DataError`` naming the split, the classes and the source. For a federated site
+    (``site=True``) a missing class in val or test only warns (the federation scores
+    across sites), while an empty train split is still an error.
+    """
+    for name in ("train", "val", "test"):
+        split: ImageSplit = getattr(splits, name)
+        counts = split.class_counts(splits.num_classes)
+        missing = [cls for cls, count in zip(splits.class_names, counts) if count == 0]
+        if not missing:
+            continue
+        what = "no images" if not len(split) else f"no images of class {', '.join(missing)}"
+        message = (f"the {name} split of {splits.source} (dataset {dataset}) has {what} "
+                   f"(counts: {', '.join(f'{c} {n}' for c, n in zip(splits.class_names, counts))}). "
+                   "Every class needs images in train, val and test: add images, or fix data.class_map / "
+                   "the files left out as unreadable.")
+        if site and (name != "train" or len(split)):
+            print(f"rwft: warning: {message}", file=sys.stderr)
+            continue
+        raise DataError(message)
 
 
 def skipped_report(skipped: tuple[str, ...], limit: int | None = 20) -> str:

@@ -41,6 +41,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global random states (torch CPU and CUDA, numpy, Python) as tensors, lists and numbers.
+
+    Dropout draws from torch's global generator, so a resumed run must continue it
+    where the interrupted run stood, not re-seed it. Only plain types and tensors, so
+    that a checkpoint holding this loads with ``torch.load(weights_only=True)``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo ``rng_state``: every global generator continues where it was captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on the GPU ("auto" or "bf16"); fp32 elsewhere.
 
@@ -183,13 +211,30 @@ class Trainer:
         return loss.detach()
 
     def state_dict(self) -> dict:
+        """Optimiser, schedule, step counter and the global random states: all a resumed run needs."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_step": self.global_step}
+                "global_step": self.global_step, "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a checkpointed run stopped, for ``fit`` to continue it as if never interrupted.
+
+    Data order and augmentation need nothing here: each epoch draws them from its own
+    generator seeded with ``seed * 1000 + epoch``. Dropout draws from the global
+    generator, whose state travels in ``trainer["rng"]``.
+    """
+
+    epoch: int  # epochs finished (0: none yet)
+    trainer: dict | None = None  # Trainer.state_dict() after that epoch; None when no epoch finished
+    best_auroc: float = -math.inf  # best validation AUROC so far (the best.pt on disk)
 
 
 EpochCallback = Callable[[int, Trainer, dict[str, float], bool], None]
@@ -204,28 +249,27 @@ def fit(
     device: torch.device | None = None,
     logger: RunLogger | None = None,
     proximal_mu: float = 0.0,
-    global_step: int = 0,
     select_best: bool = False,
     progress: bool = False,
-    start_epoch: int = 0,
-    trainer_state: dict | None = None,
     on_epoch_end: EpochCallback | None = None,
-    best_auroc: float = -math.inf,
+    resume: ResumeState | None = None,
 ) -> FitResult:
     """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
 
     With ``select_best`` the weights of the best validation-AUROC epoch are restored
     at the end. ``on_epoch_end(epoch, trainer, val_metrics, is_best)`` is where
-    callers checkpoint; ``start_epoch``/``trainer_state``/``best_auroc`` resume a run
-    from such a checkpoint.
+    callers checkpoint; ``resume`` continues a run from such a checkpoint (the model
+    must already hold its weights), bit for bit on the CPU.
     """
+    resume = resume or ResumeState(epoch=0)
+    start_epoch, best_auroc = resume.epoch, resume.best_auroc
     steps = num_batches(splits.train, cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device,
-                      proximal_mu=proximal_mu, global_step=global_step)
-    if trainer_state is not None:
-        trainer.load_state_dict(trainer_state)
+    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device, proximal_mu=proximal_mu)
+    if resume.trainer is not None:
+        trainer.load_state_dict(resume.trainer)
+    first_step = trainer.global_step
     best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")
     for epoch in range(start_epoch, epochs):
         train_loss = trainer.train_epoch(
@@ -252,7 +296,7 @@ def fit(
     kept_val = history[best_epoch - start_epoch - 1] if select_best and history else (history[-1] if history else {})
     return FitResult(
         num_examples=min(len(splits.train), steps * cfg.train.batch_size),
-        train_loss=train_loss, val=kept_val, steps=trainer.global_step - global_step,
+        train_loss=train_loss, val=kept_val, steps=trainer.global_step - first_step,
         best_epoch=best_epoch, history=history,
     )
 

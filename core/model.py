@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from rwft.core.config import ModelConfig
-from rwft.core.errors import ConfigError, PluginError, WeightsError
-from rwft.core.plugins import Registration, Registries, get_registries
+from rwft.core.errors import ConfigError, PluginError, RwftError, WeightsError
+from rwft.core.plugins import Registration, Registries, call_factory, describe_registration, get_registries
 
 MODES = ("full", "probe")
+# Image size at which a backbone's total stride is measured (its last feature map must stay > 1 px).
+STRIDE_PROBE_SIZE = 64
 
 
 @dataclass
@@ -142,12 +144,27 @@ def _normalisation(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
 
+def check_model_names(model_cfg: ModelConfig, registries: Registries | None = None) -> None:
+    """Refuse an unknown backbone or adapter name now, before any data is read."""
+    registries = registries or get_registries()
+    registration, arch = resolve_backbone(model_cfg.backbone, registries)
+    if registration.name == "timm/" and arch and not timm.is_model(arch):
+        raise PluginError(f"timm has no model {arch!r} (model.backbone={model_cfg.backbone})."
+                          + _close_timm_models(arch))
+    registries.adapters.get(model_cfg.adapter)
+
+
 def build_model(model_cfg: ModelConfig, num_classes: int,
-                registries: Registries | None = None) -> RwftModel:
+                registries: Registries | None = None, *, image_size: int | None = None) -> RwftModel:
     """The model ``model_cfg`` describes, with a fresh ``num_classes``-way head.
 
-    ``registries`` defaults to the built-in and installed plugins. Raises
-    ``PluginError`` for unknown backbone/adapter names, ``WeightsError`` when the
+    ``registries`` defaults to the built-in and installed plugins. Each plugin factory's
+    result is checked against its contract (``rwft.core.plugins.call_factory``); with
+    ``image_size`` the assembled model also runs one dry forward pass of a blank
+    ``image_size`` image, which checks the backbone's stated feature count and that
+    ``image_size`` is at least the backbone's total stride (smaller images shrink to
+    nothing inside it). Raises ``PluginError`` for unknown names or a plugin breaking
+    its contract (naming the plugin and its distribution), ``WeightsError`` when the
     pretrained weights cannot be loaded, ``ConfigError`` for contradictory settings.
     """
     registries = registries or get_registries()
@@ -155,10 +172,89 @@ def build_model(model_cfg: ModelConfig, num_classes: int,
         raise ConfigError(f"model.weights={model_cfg.weights} is set but model.pretrained=false "
                           "(scratch training reads no weights): unset one of the two.")
     registration, arch = resolve_backbone(model_cfg.backbone, registries)
-    backbone = registration.factory(arch=arch, pretrained=model_cfg.pretrained,
-                                    weights=model_cfg.weights)
-    adapter = registries.adapters.get(model_cfg.adapter).factory(backbone)
-    return RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+    backbone = call_factory(registration, "a Backbone", lambda value: isinstance(value, Backbone),
+                            arch=arch, pretrained=model_cfg.pretrained, weights=model_cfg.weights)
+    _check_backbone(backbone, registration)
+    adapter_registration = registries.adapters.get(model_cfg.adapter)
+    adapter = call_factory(adapter_registration, "a torch.nn.Module", lambda value: isinstance(value, nn.Module),
+                           backbone)
+    model = RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+    if image_size is not None:
+        _dry_run(model, backbone, registration, adapter_registration, image_size)
+    return model
+
+
+def _check_backbone(backbone: Backbone, registration: Registration) -> None:
+    problems = []
+    if not isinstance(backbone.module, nn.Module):
+        problems.append(f"module is a {type(backbone.module).__name__}, not a torch.nn.Module")
+    if not isinstance(backbone.num_features, int) or backbone.num_features < 1:
+        problems.append(f"num_features is {backbone.num_features!r}, not a positive int")
+    if problems:
+        raise PluginError(f"{describe_registration(registration)} returned a Backbone that breaks its contract: "
+                          f"{'; '.join(problems)}. Fix or update the plugin.")
+
+
+def _dry_run(model: RwftModel, backbone: Backbone, registration: Registration,
+             adapter_registration: Registration, image_size: int) -> None:
+    """Blank images through the model: the plugins' contracts and the smallest usable image size, checked now."""
+    features, smallest = _forward_blank(model, adapter_registration, registration, backbone, image_size)
+    if not isinstance(features, torch.Tensor) or tuple(features.shape) != (1, backbone.num_features):
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise PluginError(f"{describe_registration(registration)} states num_features={backbone.num_features} "
+                          f"but its module returns {shape} for one image, not (1, {backbone.num_features}). "
+                          "Fix the plugin's Backbone(num_features=...) or its module's output.")
+    if smallest > 1 or image_size >= STRIDE_PROBE_SIZE:
+        return
+    # The last feature map is one pixel: measure the backbone's total stride on a larger image.
+    _, smallest_at_probe = _forward_blank(model, adapter_registration, registration, backbone, STRIDE_PROBE_SIZE)
+    minimum = max(1, STRIDE_PROBE_SIZE // max(smallest_at_probe, 1) // 2)
+    if image_size < minimum:
+        raise ConfigError(f"data.image_size={image_size} is too small for model.backbone={model_name(registration)}: "
+                          f"it shrinks images {2 * minimum}-fold, so below {minimum} px its last stages see a "
+                          f"single pixel. Use data.image_size={minimum} or more (32+ is better).")
+
+
+def model_name(registration: Registration) -> str:
+    return registration.name + ("ARCH" if registration.name.endswith("/") else "")
+
+
+def _forward_blank(model: RwftModel, adapter_registration: Registration, registration: Registration,
+                   backbone: Backbone, size: int) -> tuple[object, int]:
+    """The backbone's output for one blank ``size`` image and the smallest side of its feature maps."""
+    sides: list[int] = []
+
+    def record(_module: nn.Module, _inputs: object, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            sides.append(min(out.shape[2:]))
+
+    hooks = [module.register_forward_hook(record) for module in model.backbone.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            adapted = _call_plugin(adapter_registration, model.adapter, torch.zeros(1, 1, size, size))
+            if not isinstance(adapted, torch.Tensor) or tuple(adapted.shape) != (1, backbone.in_chans, size, size):
+                shape = tuple(adapted.shape) if isinstance(adapted, torch.Tensor) else type(adapted).__name__
+                raise PluginError(f"{describe_registration(adapter_registration)} maps (1, 1, {size}, {size}) "
+                                  f"images to {shape}, not (1, {backbone.in_chans}, {size}, {size}) as the "
+                                  "adapter contract says. Fix the plugin.")
+            features = _call_plugin(registration, model.backbone, (adapted - model.input_mean) / model.input_std)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return features, min(sides, default=size)
+
+
+def _call_plugin(registration: Registration, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    try:
+        return module(x)
+    except RwftError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{describe_registration(registration)} fails on a blank image in its first forward "
+                          f"pass ({type(exc).__name__}: {exc}). Fix the plugin, or choose another.") from None
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

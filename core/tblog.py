@@ -42,15 +42,16 @@ class RunLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
 
-    def curves(self, prefix: str, labels: np.ndarray, probs: np.ndarray, threshold: float, step: int) -> None:
-        """PR curve (interactive), ROC curve and confusion matrix (images)."""
+    def curves(self, prefix: str, labels: np.ndarray, probs: np.ndarray, threshold: float, step: int,
+               class_names: tuple[str, ...] | list[str] = ("negative", "positive")) -> None:
+        """PR curve (interactive), ROC curve and confusion matrix (images); ``class_names[1]`` is positive."""
         labels = np.asarray(labels).astype(int)
         probs = np.asarray(probs, dtype=np.float64)
         self.writer.add_pr_curve(f"{prefix}/pr_curve", labels, probs, step)
         if len(np.unique(labels)) == 2:
             self.writer.add_figure(f"{prefix}/roc_curve", _roc_figure(labels, probs), step)
         self.writer.add_figure(
-            f"{prefix}/confusion_matrix", _confusion_figure(labels, probs >= threshold, threshold), step
+            f"{prefix}/confusion_matrix", _confusion_figure(labels, probs >= threshold, threshold, class_names), step
         )
 
     def hparams(self, config: Mapping[str, Any], final_metrics: Mapping[str, float]) -> None:
@@ -104,10 +105,11 @@ def _roc_figure(labels: np.ndarray, probs: np.ndarray) -> plt.Figure:
     return figure
 
 
-def _confusion_figure(labels: np.ndarray, predicted: np.ndarray, threshold: float) -> plt.Figure:
+def _confusion_figure(labels: np.ndarray, predicted: np.ndarray, threshold: float,
+                      class_names: tuple[str, ...] | list[str]) -> plt.Figure:
     matrix = skm.confusion_matrix(labels, predicted.astype(int), labels=[0, 1])
     figure, axes = plt.subplots(figsize=(3.6, 3.2), dpi=100)
-    skm.ConfusionMatrixDisplay(matrix, display_labels=["normal", "pneumonia"]).plot(
+    skm.ConfusionMatrixDisplay(matrix, display_labels=list(class_names)).plot(
         ax=axes, colorbar=False, values_format="d"
     )
     axes.set_title(f"threshold {threshold:.3f}")
