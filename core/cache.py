@@ -38,7 +38,7 @@ from rwft.core.config import DataConfig
 from rwft.core.data import DatasetSplits, ImageSplit
 
 # Bump when the same source would decode to different arrays (resampling, layout, ...).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 16-bit PNG/TIFF decoded instead of left out
 CACHE_DIR_ENV = "RWFT_CACHE_DIR"
 _SPLITS = ("train", "val", "test")
 _MANIFEST = "manifest.json"
@@ -58,7 +58,16 @@ def fingerprint_files(paths: Iterable[Path]) -> str:
     """
     digest = hashlib.sha256()
     for path in sorted(Path(p).absolute() for p in paths):
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:
+            # A dangling or looping symlink, or a file gone meanwhile: a bad file the dataset
+            # reports (or skips) when it decodes; the link itself still identifies it.
+            try:
+                stat = path.lstat()
+            except OSError:
+                digest.update(f"{path}\0missing\n".encode())
+                continue
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 

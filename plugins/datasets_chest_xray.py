@@ -17,13 +17,13 @@ Carving is stratified and seeded (``rwft.core.data.stratified_split`` with the r
 seed). Labels are the class folders' positions in case-insensitive sorted order, so
 ``NORMAL`` is 0 and ``PNEUMONIA`` 1.
 
-Files: ``.jpeg``/``.jpg``/``.png`` images, decoded with Pillow to 8-bit grayscale
-and resized to ``data.image_size`` (aspect ratio not kept, see
+Files: ``.jpeg``/``.jpg``/``.png``/``.tif`` images, decoded with Pillow to 8-bit grayscale
+(16-bit PNG/TIFF scaled from their full 0-65535 range, never clipped) and resized to ``data.image_size`` (aspect ratio not kept, see
 ``rwft.core.data.resize_square``), once per site: the result is cached
 (``rwft.core.cache``). Hidden files (``.DS_Store``, macOS ``._*`` companions),
 ``Thumbs.db``, ``desktop.ini`` and ``__MACOSX`` are ignored; anything else in a
 class folder that is not a usable image (damaged or truncated file, wrong
-extension, alpha channel, 16-bit depth, subfolder) is a bad file: an error naming
+extension, alpha channel, floating-point pixels, dangling symlink, subfolder) is a bad file: an error naming
 every one with its fix, or with ``data.on_bad_file=skip`` left out and listed in
 ``DatasetSplits.skipped``.
 """
@@ -31,6 +31,7 @@ every one with its fix, or with ``data.on_bad_file=skip`` left out and listed in
 from __future__ import annotations
 
 import dataclasses
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from rwft.core.hookspecs import Register, hookimpl
 
 NAME = "chest_xray"
 SPLIT_NAMES = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".tif", ".tiff")
 MIN_OFFICIAL_VAL = 100
 # Operating-system bookkeeping, never data (dot-files are ignored as well).
 OS_ENTRIES = frozenset({"Thumbs.db", "desktop.ini", "__MACOSX"})
@@ -141,6 +142,9 @@ def scan_folder(root: Path) -> FolderScan:
 
 def decode_image(path: Path, size: int) -> np.ndarray:
     """``path`` as a ``(size, size)`` uint8 grayscale array; ``BadImageFile`` if it is not usable."""
+    if path.is_symlink() and not path.exists():
+        raise BadImageFile(f"is a symbolic link to {os.readlink(path)}, which does not exist (or loops): copy "
+                           "the real image here, or remove the link")
     if path.is_dir():
         raise BadImageFile("is a folder: rwft reads the images directly inside a class folder; move its images up")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -152,6 +156,8 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             # A JPEG decodes directly at 1/2, 1/4 or 1/8 scale (DCT scaling): full-resolution
             # films (2,000+ px) decode ~4x faster. Staying at least twice the target size
             # leaves the quality to the final antialiased resize.
+            if image.mode.startswith("I;16") or image.mode == "I":
+                return _resize_high_depth(image, size)
             image.draft("L", (2 * size, 2 * size))
             return resize_square(image.convert("L"), size)
     except BadImageFile:
@@ -204,13 +210,28 @@ def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
         return str(bad)
 
 
+def _resize_high_depth(image: Image.Image, size: int) -> np.ndarray:
+    """A 16-bit grayscale image at its real depth: 0..65535 scaled linearly to 0..255 after resizing.
+
+    Pillow's own conversion to 8 bits clips at 255 (a 16-bit film turns white), so the
+    scaling is done here, and in float so that no level is lost before the resize.
+    """
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.max(initial=0) > 65535 or pixels.min(initial=0) < 0:
+        raise BadImageFile(f"{image.mode} image with values outside 0-65535 (not a 16-bit grayscale image): save it "
+                           "as 8- or 16-bit grayscale")
+    resized = Image.fromarray(pixels * (255.0 / 65535.0), mode="F")
+    if resized.size != (size, size):
+        resized = resized.resize((size, size), Image.Resampling.BICUBIC)
+    return np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
+
+
 def _require_8bit_without_alpha(image: Image.Image) -> None:
     mode = image.mode
-    if mode.startswith("I") or mode == "F":
+    if mode == "F" or (mode.startswith("I") and not (mode.startswith("I;16") or mode == "I")):
         raise BadImageFile(
-            f"{'16-bit' if mode.startswith('I;16') else 'high bit depth'} image (mode {mode}); rwft reads 8-bit "
-            "grayscale: stretch its intensity range to 0-255 and save it as 8-bit, e.g. "
-            "`magick IN.png -auto-level -depth 8 OUT.png` (a plain 8-bit conversion clips or darkens it)")
+            f"image of mode {mode} (floating point or unusual depth); rwft reads 8- and 16-bit grayscale: save it as "
+            "one of those, e.g. `magick IN.tif -auto-level -depth 16 OUT.png`")
     if "A" in mode or "a" in mode or "transparency" in image.info:
         raise BadImageFile(
             f"has an alpha channel (mode {mode}); X-rays are read as 8-bit grayscale without transparency: "

@@ -13,7 +13,7 @@ from PIL import Image
 from rwft.core.config import DataConfig, load_config
 from rwft.core.data import load_splits
 from rwft.core.errors import DataError
-from rwft.plugins.datasets_chest_xray import load_chest_xray, scan_folder
+from rwft.plugins.datasets_chest_xray import decode_image, load_chest_xray, scan_folder
 
 SIZE = 16
 
@@ -101,10 +101,9 @@ def site_with_bad_files(site: Path) -> dict[str, Path]:
     text = site / "PNEUMONIA" / "x.jpeg"
     text.write_text("this is a radiology report, not an image")
     rgba = write_xray(site / "PNEUMONIA" / "rgba.png", mode="RGBA")
-    sixteen = site / "NORMAL" / "sixteen.png"
-    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(sixteen)
-    assert Image.open(sixteen).mode.startswith("I;16")
-    return {"truncated": truncated, "text": text, "rgba": rgba, "sixteen": sixteen}
+    dangling = site / "NORMAL" / "moved.jpeg"
+    dangling.symlink_to(site / "gone" / "moved.jpeg")  # a link whose target was moved away
+    return {"truncated": truncated, "text": text, "rgba": rgba, "dangling": dangling}
 
 
 def test_bad_files_raise_one_error_naming_every_file_and_the_fix(site_with_bad_files: dict[str, Path],
@@ -117,7 +116,7 @@ def test_bad_files_raise_one_error_naming_every_file_and_the_fix(site_with_bad_f
     assert f"{bad['truncated']}: damaged or truncated image" in message
     assert f"{bad['text']}: not an image Pillow can read" in message
     assert f"{bad['rgba']}: has an alpha channel (mode RGBA)" in message
-    assert f"{bad['sixteen']}: 16-bit image (mode I;16" in message and "-depth 8" in message
+    assert f"{bad['dangling']}: is a symbolic link to {site / 'gone' / 'moved.jpeg'}, which does not exist" in message
     assert "data.on_bad_file=skip" in message
 
 
@@ -184,3 +183,25 @@ def test_real_chest_xray_at_32px(shared_data: Path) -> None:
     assert splits.train.images.shape[1:] == (32, 32)
     # Decoding all 5,824 JPEGs takes a few seconds on two cores; a cache hit far less.
     assert elapsed < 60
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_images_are_read_at_their_real_depth(tmp_path: Path, suffix: str) -> None:
+    site = make_site(tmp_path / "site", {"NORMAL": 10, "PNEUMONIA": 10})
+    sixteen = site / "NORMAL" / f"sixteen{suffix}"
+    ramp = np.tile(np.linspace(0, 65535, SIZE).astype(np.uint16), (SIZE, 1))  # dark left, white right
+    Image.fromarray(ramp).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I;16")
+    decoded = decode_image(sixteen, SIZE)
+    expected = np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_allclose(decoded, expected, atol=1)  # scaled over 0-255, neither clipped nor refused
+    assert decoded.min() == 0 and decoded.max() == 255
+    splits = load_chest_xray(data(site), seed=0)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 21 and not splits.skipped
+
+
+def test_a_dangling_symlink_is_skipped_like_any_bad_file(site: Path) -> None:
+    (site / "PNEUMONIA" / "link.jpeg").symlink_to(site / "nowhere.jpeg")
+    splits = load_chest_xray(data(site, on_bad_file="skip"), seed=0)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 50
+    assert [entry.split(": ")[0] for entry in splits.skipped] == [str(site / "PNEUMONIA" / "link.jpeg")]
