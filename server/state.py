@@ -79,7 +79,8 @@ def load_state(run_dir: Path) -> FederationState | None:
     file = run_dir / STATE_FILE
     if not file.is_file():
         return None
-    payload = torch.load(file, map_location="cpu", weights_only=False)
+    # weights_only: state.pt is data; a pickle that names code to run is refused (issue 8).
+    payload = _as_numpy(torch.load(file, map_location="cpu", weights_only=True))
     return FederationState(payload["round"], payload["arrays"], payload["strategy"], payload["history"])
 
 
@@ -87,8 +88,30 @@ def commit(run_dir: Path, state: FederationState, model_checkpoint: dict[str, An
     """Write the round's model and history, then ``state.pt`` (the commit point), each atomically."""
     save_checkpoint(run_dir / "model.pt", model_checkpoint)
     write_json(run_dir / "metrics.json", {"rounds": state.history})
-    payload = {"round": state.round, "arrays": state.arrays, "strategy": state.strategy, "history": state.history}
+    payload = {"round": state.round, "arrays": _as_tensors(state.arrays), "strategy": _as_tensors(state.strategy),
+               "history": state.history}
     atomic_write_bytes(run_dir / STATE_FILE, lambda handle: torch.save(payload, handle))
+
+
+def _as_tensors(value: Any) -> Any:
+    """numpy arrays as tensors (in dicts and lists), so that ``torch.load(weights_only=True)`` reads them."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {key: _as_tensors(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_tensors(item) for item in value]
+    return value
+
+
+def _as_numpy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {key: _as_numpy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_numpy(item) for item in value]
+    return value
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
