@@ -180,7 +180,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int,
                            backbone)
     model = RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
     if image_size is not None:
-        _dry_run(model, backbone, registration, adapter_registration, image_size)
+        _dry_run(model, backbone, registration, adapter_registration, image_size, model_cfg.backbone)
     return model
 
 
@@ -196,7 +196,7 @@ def _check_backbone(backbone: Backbone, registration: Registration) -> None:
 
 
 def _dry_run(model: RwftModel, backbone: Backbone, registration: Registration,
-             adapter_registration: Registration, image_size: int) -> None:
+             adapter_registration: Registration, image_size: int, backbone_name: str) -> None:
     """Blank images through the model: the plugins' contracts and the smallest usable image size, checked now."""
     features, smallest = _forward_blank(model, adapter_registration, registration, backbone, image_size)
     if not isinstance(features, torch.Tensor) or tuple(features.shape) != (1, backbone.num_features):
@@ -210,25 +210,23 @@ def _dry_run(model: RwftModel, backbone: Backbone, registration: Registration,
     _, smallest_at_probe = _forward_blank(model, adapter_registration, registration, backbone, STRIDE_PROBE_SIZE)
     minimum = max(1, STRIDE_PROBE_SIZE // max(smallest_at_probe, 1) // 2)
     if image_size < minimum:
-        raise ConfigError(f"data.image_size={image_size} is too small for model.backbone={model_name(registration)}: "
+        raise ConfigError(f"data.image_size={image_size} is too small for model.backbone={backbone_name}: "
                           f"it shrinks images {2 * minimum}-fold, so below {minimum} px its last stages see a "
                           f"single pixel. Use data.image_size={minimum} or more (32+ is better).")
 
 
-def model_name(registration: Registration) -> str:
-    return registration.name + ("ARCH" if registration.name.endswith("/") else "")
-
-
 def _forward_blank(model: RwftModel, adapter_registration: Registration, registration: Registration,
                    backbone: Backbone, size: int) -> tuple[object, int]:
-    """The backbone's output for one blank ``size`` image and the smallest side of its feature maps."""
+    """The backbone's output for one blank ``size`` image and the smallest side of its downsampled feature maps."""
     sides: list[int] = []
 
     def record(_module: nn.Module, _inputs: object, out: object) -> None:
         if isinstance(out, torch.Tensor) and out.dim() == 4:
             sides.append(min(out.shape[2:]))
 
-    hooks = [module.register_forward_hook(record) for module in model.backbone.modules()]
+    # Strided convolutions only: squeeze-and-excitation blocks pool to 1x1 at any image size.
+    hooks = [module.register_forward_hook(record) for module in model.backbone.modules()
+             if isinstance(module, nn.Conv2d) and max(module.stride) > 1]
     was_training = model.training
     model.eval()
     try:
