@@ -17,6 +17,7 @@ distribution when they fail.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import os
@@ -64,6 +65,8 @@ class Registry:
         self._entries: dict[str, Registration] = {}
 
     def add(self, registration: Registration) -> None:
+        if not registration.kind:
+            registration = dataclasses.replace(registration, kind=self.kind[:-1])
         existing = self._entries.get(registration.name)
         if existing is not None:
             raise PluginError(

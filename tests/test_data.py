@@ -138,10 +138,40 @@ def test_load_splits_prints_skipped_files(capsys: pytest.CaptureFixture[str]) ->
 
 def test_factory_breaking_the_contract_is_named() -> None:
     cfg = load_config(overrides=["data.dataset=fake", "data.image_size=16"])
-    with pytest.raises(PluginError, match="'fake' \\(plugin 'test_plugin'\\) returned train images of size"):
+    with pytest.raises(PluginError, match="dataset 'fake' of plugin 'test_plugin' \\(distribution rwft\\) "
+                                          "returned train images of size"):
         load_splits(cfg, registries_with(fake_factory([], size=8)))
     with pytest.raises(PluginError, match="unknown dataset 'nope'"):
         load_splits(load_config(overrides=["data.dataset=nope"]), registries_with(fake_factory([])))
+
+
+def test_factory_results_are_checked_at_the_plugin_border() -> None:
+    cfg = load_config(overrides=["data.dataset=fake", "data.image_size=8"])
+
+    def raising(data, *, seed):
+        raise KeyError("train_images")
+
+    with pytest.raises(PluginError, match=r"dataset 'fake' of plugin 'test_plugin' \(distribution rwft\) failed: "
+                                          "KeyError"):
+        load_splits(cfg, registries_with(raising))
+    with pytest.raises(PluginError, match="returned a dict, not a rwft.core.data.DatasetSplits"):
+        load_splits(cfg, registries_with(lambda data, *, seed: {"train": None}))
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ("train", "the train split of fake (dataset fake) has no images of class NORMAL"),
+    ("test", "the test split of fake (dataset fake) has no images (counts: NORMAL 0, PNEUMONIA 0)"),
+])
+def test_one_class_or_empty_splits_are_refused_whatever_the_dataset(broken: str, expected: str) -> None:
+    def factory(data: DataConfig, *, seed: int) -> DatasetSplits:
+        splits = fake_factory([])(data, seed=seed)
+        split = splits.train.subset(splits.train.labels == 1) if broken == "train" else ImageSplit.empty(8)
+        return dataclasses.replace(splits, **{broken: split})
+
+    cfg = load_config(overrides=["data.dataset=fake", "data.image_size=8"])
+    with pytest.raises(DataError) as raised:
+        load_splits(cfg, registries_with(factory))
+    assert expected in str(raised.value)
 
 
 # --- batches ---------------------------------------------------------------------------
