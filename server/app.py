@@ -25,7 +25,7 @@ from rwft.core.config import RwftConfig, to_container
 from rwft.core.engine import seed_everything
 from rwft.core.errors import RwftError
 from rwft.core.model import build_model
-from rwft.core.plugins import Registries, get_registries
+from rwft.core.plugins import Registries, call_factory, get_registries
 from rwft.core.tblog import RunLogger
 from rwft.federation.flower_compat import patch_grid
 from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
@@ -56,7 +56,8 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
         "min_evaluate_nodes": federation.min_sites,
         "min_available_nodes": federation.min_sites,
     }
-    return (registries or get_registries()).strategies.get(federation.strategy).factory(cfg, **common)
+    registration = (registries or get_registries()).strategies.get(federation.strategy)
+    return call_factory(registration, "a Flower Strategy", lambda value: isinstance(value, Strategy), cfg, **common)
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None) -> ArrayRecord:
