@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.datasets_dicom",
     "rwft.plugins.strategies",
     "rwft.plugins.commands",
+    "rwft.plugins.commands_hospital",
 )
 
 KINDS = ("backbones", "adapters", "strategies", "datasets", "commands")
