@@ -37,7 +37,23 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def export(argv: list[str]) -> int:
+    from rwft.core.export import FORMATS, export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="rwft export", description="Write a checkpoint as one self-contained model "
+                                     "(adapter and normalisation inside): input (N, 1, H, W) grayscale in [0, 1], "
+                                     "output (N,) probability of the positive class.")
+    parser.add_argument("checkpoint", help="RUN_DIR/best.pt (rwft train) or a federation's model.pt")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--out", help="output file (default: beside the checkpoint, .onnx or .torchscript.pt)")
+    args = parser.parse_args(argv)
+    target = export_checkpoint(args.checkpoint, args.format, args.out)
+    print(f"rwft export: {target}", file=sys.stderr)
+    return 0
+
+
 @hookimpl
 def register_commands(register: Register) -> None:
     register("predict", predict, "score X-rays (files, folders, DICOM) with a checkpoint; --saliency for Grad-CAM")
+    register("export", export, "write a checkpoint as ONNX or TorchScript (adapter and normalisation inside)")
 
