@@ -52,8 +52,35 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def shift(argv: list[str]) -> int:
+    import dataclasses
+    import json
+
+    from rwft.core.shift import PRESETS, Shift, parse_shift, shift_path
+
+    parser = argparse.ArgumentParser(prog="rwft shift", description="Make a shifted copy of an image folder or a "
+                                     "MedMNIST npz, as a second hospital's scanner would differ (seeded; recorded "
+                                     "in shift.json).")
+    parser.add_argument("src", help="image folder (JPEG, PNG, DICOM; any layout) or .npz file")
+    parser.add_argument("dst", help="new folder (or .npz file) for the shifted copy")
+    parser.add_argument("--preset", default="", help=f"start from a named shift: {', '.join(PRESETS)}")
+    parser.add_argument("--shift", default="", metavar="K=V,...", help="e.g. gamma=1.4,contrast=0.7,noise=0.02")
+    for field in dataclasses.fields(Shift):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=int if "int" in str(field.type) else float,
+                            dest=field.name, help=f"{field.name} (default {field.default})")
+    parser.add_argument("--dicom", action="store_true", help="write MONOCHROME1 DICOM files (folders only)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise (default 0)")
+    args = parser.parse_args(argv)
+    flags = [f"{f.name}={getattr(args, f.name)}" for f in dataclasses.fields(Shift) if getattr(args, f.name) is not None]
+    chosen = parse_shift(",".join(part for part in (args.preset, args.shift, *flags) if part))
+    record = shift_path(args.src, args.dst, chosen, args.seed, dicom=args.dicom)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 @hookimpl
 def register_commands(register: Register) -> None:
     register("predict", predict, "score X-rays (files, folders, DICOM) with a checkpoint; --saliency for Grad-CAM")
     register("export", export, "write a checkpoint as ONNX or TorchScript (adapter and normalisation inside)")
+    register("shift", shift, "copy images (folder or npz) as a second hospital's scanner would differ (seeded)")
 
