@@ -38,6 +38,7 @@ from rwft.core.engine import select_device
 from rwft.core.errors import ConfigError, DataError
 from rwft.core.model import RwftModel, build_model
 from rwft.core.partition import partition_indices
+from rwft.core.shift import shift_images, site_shifts
 from rwft.core.tblog import RunLogger
 from rwft.federation.protocol import (
     FEDERATION_ID_KEY,
@@ -155,6 +156,9 @@ def _simulated_site(node: Mapping[str, object], run: Mapping[str, object]) -> tu
     whole = load_splits(cfg)
     part = whole.train.subset(partition_indices(whole.train.labels, num_sites, cfg.federation.partition,
                                                 cfg.seed)[site])
+    # federation.site_shifts: this simulated hospital's scanner differs (rwft.core.shift); train and val alike.
+    scanner = site_shifts(cfg.federation.site_shifts, num_sites)[site]
+    part = ImageSplit(shift_images(part.images, scanner, cfg.seed + site), part.labels)
     keep, held_out = stratified_split(part.labels, cfg.data.val_fraction, cfg.seed)
     splits = dataclasses.replace(whole, train=part.subset(keep), val=part.subset(held_out),
                                  test=ImageSplit.empty(cfg.data.image_size),

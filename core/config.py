@@ -33,6 +33,11 @@ class ModelConfig:
 
 
 @dataclass
+class DicomConfig:
+    windowing: str = "auto"  # auto: the file's VOI LUT or window when present | none: the full modality range
+
+
+@dataclass
 class DataConfig:
     dataset: str = "medmnist"  # medmnist | chest_xray | a plugin's dataset
     root: str | None = None  # file or folder; else $RWFT_DATA_DIR; else the dataset's downloader
@@ -44,6 +49,9 @@ class DataConfig:
     max_train_images: int | None = None  # stratified subsample for quick runs
     positive_class: str | None = None  # the class sensitivity/AUROC are about; default: rwft.core.classes' rule
     class_map: dict[str, str] = field(default_factory=dict)  # rename the data's classes: FOLDER=CLASS
+    medmnist_size: int = 28  # medmnist without data.root: 28 = the copy shipped with rwft; 64/128/224 download (medmnist extra)
+    labels_csv: str | None = None  # dicom: CSV of file,label for a flat PACS export (paths relative to data.root)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
 
 @dataclass
@@ -80,6 +88,7 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long
     sites: int = 3  # rwft simulate: how many hospitals to simulate
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
+    site_shifts: list[str] = field(default_factory=list)  # rwft simulate: per site a scanner shift (rwft.core.shift), "" = none
 
 
 @dataclass
@@ -97,6 +106,7 @@ _CHOICES = {
     "data.on_bad_file": ("error", "skip"),
     "train.schedule": ("onecycle", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "data.dicom.windowing": ("auto", "none"),
 }
 
 

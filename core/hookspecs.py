@@ -52,6 +52,9 @@ def register_backbones(register: Register) -> None:
       states the input normalisation (``mean``/``std``) its weights expect and the
       attribute path of its first convolution (used by the ``weightsum`` adapter;
       ``None`` when there is no single first convolution, which rules ``weightsum`` out).
+    - Optionally ``saliency_layer``: the attribute path (inside ``module``) of the feature
+      map Grad-CAM explains in ``rwft predict --saliency``; ``None`` lets rwft pick the
+      last module with a spatial (N, C, H, W) output.
     - Must not download anything when ``pretrained`` is ``False``.
     """
 

@@ -38,6 +38,10 @@ class Backbone:
     # mixed across channels before the first one); the weightsum adapter then refuses.
     first_conv: str | None
     in_chans: int = 3
+    # Attribute path (inside ``module``) of the layer whose activations Grad-CAM explains
+    # (rwft predict --saliency): the last feature map with spatial extent. None: rwft.core.saliency
+    # picks the last module with a 2-D spatial output.
+    saliency_layer: str | None = None
 
 
 def weights_file(path: str | Path) -> Path:
@@ -114,6 +118,7 @@ class RwftModel(nn.Module):
         self.register_buffer("input_mean", mean, persistent=False)
         self.register_buffer("input_std", std, persistent=False)
         self.backbone = backbone.module
+        self.saliency_layer = backbone.saliency_layer  # see Backbone.saliency_layer
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.num_features, num_classes)
         if mode == "probe":

@@ -40,8 +40,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.adapters",
     "rwft.plugins.datasets_chest_xray",
     "rwft.plugins.datasets_medmnist",
+    "rwft.plugins.datasets_dicom",
     "rwft.plugins.strategies",
     "rwft.plugins.commands",
+    "rwft.plugins.commands_hospital",
 )
 
 KINDS = ("backbones", "adapters", "strategies", "datasets", "commands")

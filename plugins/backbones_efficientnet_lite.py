@@ -71,8 +71,9 @@ def build_backbone(variant: str, *, pretrained: bool, weights: str | None) -> Ba
         model.reset_classifier(0)  # pooled features out
     else:
         model = timm.create_model(f"tf_{_check_variant(variant)}", pretrained=False, num_classes=0)
+    # bn2: the last feature map (after conv_head), what Grad-CAM explains (checked in DESIGN.md).
     return Backbone(module=model, num_features=model.num_features, mean=MEAN, std=STD,
-                    first_conv="conv_stem")
+                    first_conv="conv_stem", saliency_layer="bn2")
 
 
 def _load_by_position(model: nn.Module, checkpoint: dict[str, torch.Tensor], source: Path) -> None:

@@ -59,8 +59,11 @@ def _describe(model: nn.Module) -> Backbone:
         first_conv = first_conv[0] if len(first_conv) == 1 else None
     # Models with a pre-logits layer (MobileNetV3's conv_head) return its width instead.
     num_features = getattr(model, "head_hidden_size", None) or model.num_features
+    # timm's feature_info names each stage's output module; the last one is the deepest feature map.
+    feature_info = getattr(model, "feature_info", None) or [{}]
     return Backbone(module=model, num_features=num_features, mean=tuple(cfg["mean"]),
-                    std=tuple(cfg["std"]), first_conv=first_conv, in_chans=cfg["input_size"][0])
+                    std=tuple(cfg["std"]), first_conv=first_conv, in_chans=cfg["input_size"][0],
+                    saliency_layer=feature_info[-1].get("module"))
 
 
 @hookimpl

@@ -21,7 +21,9 @@ Files: ``.jpeg``/``.jpg``/``.png``/``.tif`` images, decoded with Pillow to 8-bit
 (16-bit PNG/TIFF scaled from their full 0-65535 range, never clipped) and resized to ``data.image_size`` (aspect ratio not kept, see
 ``rwft.core.data.resize_square``), once per site: the result is cached
 (``rwft.core.cache``). Hidden files (``.DS_Store``, macOS ``._*`` companions),
-``Thumbs.db``, ``desktop.ini`` and ``__MACOSX`` are ignored; anything else in a
+``Thumbs.db``, ``desktop.ini`` and ``__MACOSX`` are ignored. DICOM files (``.dcm``, or
+any name with the ``DICM`` preamble, as PACS exports are often named) are read with
+``rwft.core.dicom`` (modality LUT, ``data.dicom.windowing``, MONOCHROME1 inverted); anything else in a
 class folder that is not a usable image (damaged or truncated file, wrong
 extension, alpha channel, floating-point pixels, dangling symlink, subfolder) is a bad file: an error naming
 every one with its fix, or with ``data.on_bad_file=skip`` left out and listed in
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from rwft.core.cache import cache_root, cached_splits, fingerprint_files
 from rwft.core.config import DataConfig
 from rwft.core.data import DatasetSplits, ImageSplit, resize_square, stratified_split
+from rwft.core.dicom import DicomError, is_dicom, read_dicom
 from rwft.core.errors import DataError
 from rwft.core.hookspecs import Register, hookimpl
 
@@ -84,8 +87,9 @@ def load_chest_xray(data: DataConfig, *, seed: int) -> DatasetSplits:
                         f"RWFT_DATA_DIR. {_LAYOUT_HELP}.")
     scan = scan_folder(Path(data.root))
     key_parts = {"dataset": NAME, "root": str(scan.root), "files": fingerprint_files(scan.all_files()),
-                 "image_size": data.image_size}
-    found = cached_splits(key_parts, lambda: decode_scan(scan, data.image_size), cache_root(data))
+                 "image_size": data.image_size, "dicom_windowing": data.dicom.windowing}
+    found = cached_splits(key_parts, lambda: decode_scan(scan, data.image_size, data.dicom.windowing),
+                          cache_root(data))
     if found.skipped and data.on_bad_file == "error":
         raise DataError(
             f"{len(found.skipped)} of {len(scan.all_files())} files under {scan.root} cannot be used as "
@@ -140,13 +144,21 @@ def scan_folder(root: Path) -> FolderScan:
     return FolderScan(root, has_split_folders, class_names, files)
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """``path`` as a ``(size, size)`` uint8 grayscale array; ``BadImageFile`` if it is not usable."""
+def decode_image(path: Path, size: int, windowing: str = "auto") -> np.ndarray:
+    """``path`` as a ``(size, size)`` uint8 grayscale array; ``BadImageFile`` if it is not usable.
+
+    ``windowing`` applies to DICOM files (``rwft.core.dicom.read_dicom``).
+    """
     if path.is_symlink() and not path.exists():
         raise BadImageFile(f"is a symbolic link to {os.readlink(path)}, which does not exist (or loops): copy "
                            "the real image here, or remove the link")
     if path.is_dir():
         raise BadImageFile("is a folder: rwft reads the images directly inside a class folder; move its images up")
+    if is_dicom(path):
+        try:
+            return resize_square(Image.fromarray(read_dicom(path, windowing)), size)
+        except DicomError as bad:
+            raise BadImageFile(str(bad)) from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise BadImageFile(f"unsupported file type {path.suffix or '(no extension)'!r}: rwft reads "
                            f"{', '.join(IMAGE_SUFFIXES)}; convert it, or move it out of the class folder")
@@ -172,7 +184,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
                            "the source, or remove it") from None
 
 
-def decode_scan(scan: FolderScan, size: int) -> DatasetSplits:
+def decode_scan(scan: FolderScan, size: int, windowing: str = "auto") -> DatasetSplits:
     """Decode every file of ``scan`` into splits as found on disk; bad files go to ``skipped``.
 
     Splits without a folder come back empty. Files are decoded by a thread pool of
@@ -182,7 +194,7 @@ def decode_scan(scan: FolderScan, size: int) -> DatasetSplits:
     """
     jobs = [(split, path, label) for split, entries in scan.files.items() for path, label in entries]
     with ThreadPoolExecutor() as pool:
-        results = list(tqdm(pool.map(lambda job: _decode_or_reason(job[1], size), jobs), total=len(jobs),
+        results = list(tqdm(pool.map(lambda job: _decode_or_reason(job[1], size, windowing), jobs), total=len(jobs),
                             desc=f"decoding {scan.root.name} at {size}px", unit="img", disable=None))
     images: dict[str, list[np.ndarray]] = {split: [] for split in SPLIT_NAMES}
     labels: dict[str, list[int]] = {split: [] for split in SPLIT_NAMES}
@@ -203,9 +215,9 @@ def decode_scan(scan: FolderScan, size: int) -> DatasetSplits:
                          source=str(scan.root), skipped=tuple(skipped))
 
 
-def _decode_or_reason(path: Path, size: int) -> np.ndarray | str:
+def _decode_or_reason(path: Path, size: int, windowing: str) -> np.ndarray | str:
     try:
-        return decode_image(path, size)
+        return decode_image(path, size, windowing)
     except BadImageFile as bad:
         return str(bad)
 

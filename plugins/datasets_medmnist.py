@@ -2,9 +2,12 @@
 
 MedMNIST's layout: ``{train,val,test}_images`` uint8 ``(N, H, W)`` and
 ``{train,val,test}_labels`` ``(N, 1)``. ``data.root`` is the npz file itself or a
-folder holding ``pneumoniamnist.npz``. Without a root, the ``medmnist`` package (if
-installed) downloads PneumoniaMNIST (28 px, the file in ``../shared/data``) into the
-cache folder. Images are resized to ``data.image_size`` (Pillow bicubic, see
+folder holding ``pneumoniamnist.npz``. Without a root (and no ``$RWFT_DATA_DIR``),
+PneumoniaMNIST at 28 px is read from the copy shipped inside this package
+(``plugins/data/pneumoniamnist_28.npz``, CC BY 4.0, attribution and licence beside it),
+so that rwft runs on a fresh machine with no data and no internet; a larger
+``data.medmnist_size`` (64, 128, 224) is downloaded by the ``medmnist`` package
+(``pip install 'rwft[medmnist]'``) into the cache folder. Images are resized to ``data.image_size`` (Pillow bicubic, see
 ``rwft.core.data.resize_square``) once and cached (``rwft.core.cache``). The
 official val split (524 images for PneumoniaMNIST) is large enough and kept as is.
 Other single-label grayscale MedMNIST files (BreastMNIST, ...) load the same way.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +31,17 @@ from rwft.core.hookspecs import Register, hookimpl
 
 NAME = "medmnist"
 DEFAULT_FILE = "pneumoniamnist.npz"
+# The 28 px PneumoniaMNIST shipped as package data (see plugins/data/README.txt).
+PACKAGED_SIZE = 28
+PACKAGED_FILE = "pneumoniamnist_28.npz"
+MEDMNIST_SIZES = (28, 64, 128, 224)
 SPLIT_NAMES = ("train", "val", "test")
 REQUIRED_KEYS = tuple(f"{split}_{part}" for split in SPLIT_NAMES for part in ("images", "labels"))
 # MedMNIST's own label names, spelled like the chest_xray class folders.
 CLASS_NAMES = {"pneumoniamnist": ("NORMAL", "PNEUMONIA")}
-_NO_DATA = ("medmnist has no data: pass data.root=/path/to/pneumoniamnist.npz or set RWFT_DATA_DIR, "
-            "or `pip install medmnist` to download.")
+_NO_DATA = ("medmnist has no data at data.medmnist_size={size}: pass data.root=/path/to/pneumoniamnist.npz or "
+            "set RWFT_DATA_DIR, or `pip install 'rwft[medmnist]'` to download it, or data.medmnist_size=28 for "
+            "the copy shipped with rwft.")
 _LAYOUT = ("A MedMNIST npz holds uint8 train_images (N, H, W) with train_labels (N, 1), and the same for "
            "val and test; get pneumoniamnist.npz again from https://zenodo.org/records/10519652 or with "
            "`pip install medmnist`.")
@@ -98,9 +107,16 @@ def _array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
         raise DataError(f"{path}: key {key} cannot be read ({type(exc).__name__}: {exc}). {_LAYOUT}") from None
 
 
+def packaged_npz() -> Path:
+    """The PneumoniaMNIST 28 px file shipped inside the package (a real file on disk, also from a wheel)."""
+    return Path(str(resources.files("rwft.plugins").joinpath("data", PACKAGED_FILE)))
+
+
 def _locate_npz(data: DataConfig) -> Path:
     if data.root is None:
-        return _download(cache_root(data) / NAME)
+        if data.medmnist_size == PACKAGED_SIZE:
+            return packaged_npz()
+        return _download(cache_root(data) / NAME, data.medmnist_size)
     root = Path(data.root)
     if not root.exists():
         raise DataError(f"{root} does not exist: pass data.root=/path/to/{DEFAULT_FILE}.")
@@ -112,22 +128,28 @@ def _locate_npz(data: DataConfig) -> Path:
     return root
 
 
-def _download(folder: Path) -> Path:
+def _download(folder: Path, size: int) -> Path:
+    if size not in MEDMNIST_SIZES:
+        raise DataError(f"data.medmnist_size={size} is not a MedMNIST size: use one of "
+                        f"{', '.join(map(str, MEDMNIST_SIZES))} (28 is shipped with rwft, the others download).")
     try:
         import medmnist
     except ImportError:
-        raise DataError(_NO_DATA) from None
+        raise DataError(_NO_DATA.format(size=size)) from None
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        # Fetches pneumoniamnist.npz into the folder (checking its MD5) unless it is there already.
-        medmnist.PneumoniaMNIST(split="train", download=True, root=str(folder))
+        # Fetches pneumoniamnist_SIZE.npz into the folder (checking its MD5) unless it is there already.
+        medmnist.PneumoniaMNIST(split="train", download=True, root=str(folder), size=size)
     except Exception as exc:  # medmnist reports every download failure as RuntimeError with instructions
-        raise DataError(f"downloading PneumoniaMNIST with the medmnist package into {folder} failed: {exc}\n"
-                        f"Or pass data.root=/path/to/{DEFAULT_FILE}.") from None
-    return folder / DEFAULT_FILE
+        raise DataError(f"downloading PneumoniaMNIST at {size} px with the medmnist package into {folder} failed: "
+                        f"{exc}\nOr pass data.root=/path/to/{DEFAULT_FILE}, or data.medmnist_size=28 for the copy "
+                        "shipped with rwft.") from None
+    return folder / f"pneumoniamnist_{size}.npz"
 
 
 @hookimpl
 def register_datasets(register: Register) -> None:
     register(NAME, load_medmnist, "MedMNIST npz (PneumoniaMNIST): data.root=FILE.npz or a folder holding "
-             "pneumoniamnist.npz; downloads with the medmnist package when no root is given")
+             "pneumoniamnist.npz; with no root, the 28 px PneumoniaMNIST shipped with rwft (MedMNIST v2, "
+             "Yang et al. 2023, CC BY 4.0; plugins/data/README.txt); larger data.medmnist_size downloads "
+             "with the medmnist package")

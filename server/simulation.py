@@ -22,6 +22,7 @@ from pathlib import Path
 from rwft.core.config import RwftConfig, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.partition import describe_partition, partition_indices
+from rwft.core.shift import describe, site_shifts
 from rwft.federation.processes import free_port, run_command
 
 
@@ -68,11 +69,15 @@ def simulate(cfg: RwftConfig, *, cpus: int, resume: bool = False) -> int:
     from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
 
     sites = cfg.federation.sites
+    shifts = site_shifts(cfg.federation.site_shifts, sites)  # a bad spec stops here, before anything starts
     splits = load_splits(cfg)
     parts = partition_indices(splits.train.labels, sites, cfg.federation.partition, cfg.seed)
     print(f"rwft simulate: {sites} sites from {splits.source} ({cfg.federation.partition}, seed {cfg.seed}); "
           f"training images per site and class (each site keeps {cfg.data.val_fraction:.0%} for validation):\n"
           + describe_partition(parts, splits.train.labels, splits.class_names), flush=True)
+    if cfg.federation.site_shifts:
+        print("rwft simulate: scanner shifts per site: "
+              + "; ".join(f"site-{i}: {describe(shift)}" for i, shift in enumerate(shifts)), flush=True)
 
     cfg, run_config = prepare_federation(cfg, resume=resume)
     run_dir = Path(cfg.output_dir)

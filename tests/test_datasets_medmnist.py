@@ -13,7 +13,7 @@ import pytest
 from rwft.core.config import DataConfig, load_config
 from rwft.core.data import load_splits
 from rwft.core.errors import DataError
-from rwft.plugins.datasets_medmnist import load_medmnist
+from rwft.plugins.datasets_medmnist import load_medmnist, packaged_npz
 
 
 def write_npz(path: Path, sizes: tuple[int, int, int] = (20, 6, 8), **replace: np.ndarray) -> Path:
@@ -92,25 +92,34 @@ def test_folder_without_the_file(tmp_path: Path) -> None:
         load_medmnist(DataConfig(root=str(tmp_path)), seed=0)
 
 
-def test_no_root_and_no_medmnist_package_says_exactly_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_root_reads_the_pneumoniamnist_shipped_with_rwft(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # offline, no downloader: the packaged copy is enough
+    splits = load_medmnist(DataConfig(cache_dir=str(tmp_path), image_size=28), seed=0)
+    assert Path(splits.source) == packaged_npz() and packaged_npz().parent.name == "data"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (4708, 524, 624)
+    assert splits.class_names == ("NORMAL", "PNEUMONIA")
+    assert (packaged_npz().parent / "CC-BY-4.0.txt").is_file() and (packaged_npz().parent / "README.txt").is_file()
+
+
+def test_larger_size_without_medmnist_package_says_exactly_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "medmnist", None)  # makes `import medmnist` fail
     with pytest.raises(DataError) as raised:
-        load_medmnist(DataConfig(), seed=0)
-    assert ("pass data.root=/path/to/pneumoniamnist.npz or set RWFT_DATA_DIR, or `pip install medmnist` "
-            "to download") in str(raised.value)
+        load_medmnist(DataConfig(medmnist_size=64), seed=0)
+    assert ("pass data.root=/path/to/pneumoniamnist.npz or set RWFT_DATA_DIR, or `pip install 'rwft[medmnist]'` "
+            "to download it") in str(raised.value)
 
 
 def test_no_root_downloads_with_the_medmnist_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
 
-    class PneumoniaMNIST:  # stands in for medmnist's class: download=True writes ROOT/pneumoniamnist.npz
-        def __init__(self, split: str, download: bool, root: str) -> None:
-            calls.append((split, download, root))
-            write_npz(Path(root) / "pneumoniamnist.npz")
+    class PneumoniaMNIST:  # stands in for medmnist's class: download=True writes ROOT/pneumoniamnist_SIZE.npz
+        def __init__(self, split: str, download: bool, root: str, size: int) -> None:
+            calls.append((split, download, root, size))
+            write_npz(Path(root) / f"pneumoniamnist_{size}.npz")
 
     monkeypatch.setitem(sys.modules, "medmnist", types.SimpleNamespace(PneumoniaMNIST=PneumoniaMNIST))
-    splits = load_medmnist(DataConfig(cache_dir=str(tmp_path), image_size=28), seed=0)
-    assert calls == [("train", True, str(tmp_path / "medmnist"))]
+    splits = load_medmnist(DataConfig(cache_dir=str(tmp_path), image_size=28, medmnist_size=64), seed=0)
+    assert calls == [("train", True, str(tmp_path / "medmnist"), 64)]
     assert splits.class_names == ("NORMAL", "PNEUMONIA") and len(splits.train) == 20
 
 
@@ -120,4 +129,4 @@ def test_failed_download_is_a_data_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setitem(sys.modules, "medmnist", types.SimpleNamespace(PneumoniaMNIST=offline))
     with pytest.raises(DataError, match=r"(?s)Automatic download failed!.*data.root=/path/to/pneumoniamnist.npz"):
-        load_medmnist(DataConfig(cache_dir=str(tmp_path)), seed=0)
+        load_medmnist(DataConfig(cache_dir=str(tmp_path), medmnist_size=128), seed=0)

@@ -19,6 +19,10 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     for module in ("rwft/core/hookspecs.py", "rwft/core/engine.py", "rwft/plugins/adapters.py",
                    "rwft/server/app.py", "rwft/clients/app.py"):
         assert module in names, module
+    # The sample data a fresh install trains on, with its attribution and licence (CC BY 4.0).
+    for data_file in ("rwft/plugins/data/pneumoniamnist_28.npz", "rwft/plugins/data/README.txt",
+                      "rwft/plugins/data/CC-BY-4.0.txt"):
+        assert data_file in names, data_file
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("rwft = rwft.core.cli:main", "rwft-server = rwft.server.cli:main",
                    "rwft-client = rwft.clients.cli:main"):
@@ -31,8 +35,11 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     # with the wheel's folder first on the path.
     probe = subprocess.run(
         [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import rwft.core.plugins as p; "
-         "print(p.__file__); print(len(p.get_registries().backbones.names()))", str(target)],
+         "print(p.__file__); print(len(p.get_registries().backbones.names())); "
+         "from rwft.plugins.datasets_medmnist import packaged_npz; import numpy as np; "
+         "print(packaged_npz()); print(len(np.load(packaged_npz())['train_images']))", str(target)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120, check=True)
-    module_file, backbone_count = probe.stdout.split()
+    module_file, backbone_count, npz_file, train_count = probe.stdout.split()
     assert module_file.startswith(str(target))
     assert int(backbone_count) >= 3
+    assert npz_file.startswith(str(target)) and int(train_count) == 4708
