@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.datasets_medmnist",
     "rwft.plugins.strategies",
     "rwft.plugins.commands",
+    "rwft.plugins.commands_experiments",
 )
 
 KINDS = ("backbones", "adapters", "strategies", "datasets", "commands")

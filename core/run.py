@@ -9,6 +9,7 @@ AUROC), ``metrics.json`` (test metrics with 95% bootstrap intervals) and ``tb/``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,13 @@ class RunResult:
     metrics: dict[str, Any]  # the contents of metrics.json
 
 
-def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> RunResult:
-    """Train per ``cfg``, keep the best-validation-AUROC weights, report on test."""
+def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """Train per ``cfg``, keep the best-validation-AUROC weights, report on test.
+
+    ``on_epoch(epoch, val_metrics)`` is called once an epoch is checkpointed (``last.pt``):
+    a sweep reports it to its scheduler from there (``rwft.experiments.trials``).
+    """
     run_dir = Path(cfg.output_dir)
     last = run_dir / "last.pt"
     resumed = load_checkpoint(last) if resume and last.is_file() else None
@@ -57,6 +63,8 @@ def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> Ru
             save_checkpoint(run_dir / "best.pt", payload)
         # last.pt is written after best.pt: a crash in between resumes with best.pt current.
         save_checkpoint(last, payload | {"trainer": trainer.state_dict(), "best_auroc": best_so_far["auroc"]})
+        if on_epoch is not None:
+            on_epoch(epoch, val)
 
     # Steps are logged as they train, checkpoints written per epoch: a crash leaves steps the
     # resumed run trains again. Per-epoch validation points sit at steps <= the epoch count.

@@ -201,6 +201,7 @@ class Comparison:
     context: str  # "k=v, ..." of the keys the two arms share
     metric: str
     test: PairedTest
+    pairs: tuple[tuple[object, object, object], ...] = ()  # (seed, row label in arm a, row label in arm b)
 
     def row(self) -> dict[str, object]:
         return {"key": self.key, "a": self.a, "b": self.b, "context": self.context, "metric": self.metric} \
@@ -225,14 +226,15 @@ def compare_arms(results: pd.DataFrame, keys: Sequence[str], metrics: Sequence[s
             context = ", ".join(f"{k}={v}" for k, v in zip(others, context_values))
             for i, value_a in enumerate(values):
                 for value_b in values[i + 1:]:
-                    arm_a = group[group[key] == value_a].set_index(SEED_KEY)
-                    arm_b = group[group[key] == value_b].set_index(SEED_KEY)
+                    arm_a = group[group[key] == value_a].reset_index().set_index(SEED_KEY)
+                    arm_b = group[group[key] == value_b].reset_index().set_index(SEED_KEY)
                     seeds = sorted(set(arm_a.index) & set(arm_b.index))
                     if len(seeds) < 2:
                         continue
+                    pairs = tuple((seed, arm_a.loc[seed, "index"], arm_b.loc[seed, "index"]) for seed in seeds)
                     for metric in metrics:
                         test = paired_test(arm_a.loc[seeds, metric], arm_b.loc[seeds, metric])
-                        comparisons.append(Comparison(key, str(value_a), str(value_b), context, metric, test))
+                        comparisons.append(Comparison(key, str(value_a), str(value_b), context, metric, test, pairs))
     return comparisons
 
 
