@@ -92,7 +92,8 @@ class PairedTest:
 def paired_test(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> PairedTest:
     """Paired comparison of ``b - a``; pairs with a NaN on either side are dropped.
 
-    p-values are NaN where the test is undefined (fewer than two pairs; every difference zero).
+    p-values are NaN where the test is undefined (fewer than two pairs; every difference zero;
+    for the t-test also every difference equal).
     """
     a_arr, b_arr = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = np.isfinite(a_arr) & np.isfinite(b_arr)
@@ -103,10 +104,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], level: float = LEVEL) ->
     if len(diff) >= 2 and np.any(diff != 0):
         with warnings.catch_warnings():  # scipy warns about small samples; the n is in the table
             warnings.simplefilter("ignore")
-            if np.std(diff) > 0:
+            # Every difference equal: no spread to test against (t would be infinite): left NaN.
+            if np.ptp(diff) > 1e-12:
                 t_p = float(stats.ttest_rel(b_arr, a_arr).pvalue)
-            else:  # every difference equal and non-zero: no spread, the t statistic is infinite
-                t_p = 0.0
             w_p = float(stats.wilcoxon(b_arr, a_arr).pvalue)
     return PairedTest(len(diff), mean, low, high, t_p, w_p)
 
@@ -241,7 +241,7 @@ def compare_arms(results: pd.DataFrame, keys: Sequence[str], metrics: Sequence[s
 def verdict(test: PairedTest, a: str, b: str, alpha: float = 0.05) -> str:
     """A plain reading of a paired test: "``b`` better", "``a`` better" or "no significant difference"."""
     if not math.isfinite(test.t_p):
-        return "not testable (fewer than two paired seeds, or no differences)"
+        return "not testable (fewer than two paired seeds, or no spread in the differences)"
     if test.t_p >= alpha:
         return "no significant difference"
     return f"{b} better" if test.mean_diff > 0 else f"{a} better"

@@ -45,6 +45,7 @@ def test_paired_test_matches_scipy():
     assert verdict(paired_test(b, a), "ImageNet", "scratch") == "ImageNet better"
     assert verdict(paired_test(a, a + np.array([0.01, -0.01, 0.0, 0.02, -0.02, 0.0])), "x", "y") \
         == "no significant difference"
+    assert verdict(paired_test(a, a + 0.25), "x", "y").startswith("not testable")  # no spread: no t-test
 
 
 def test_summary_groups_over_seeds_and_comparisons_pair_them():
