@@ -287,6 +287,11 @@ def run_ray(sweep: Sweep, *, resume: bool, address: str | None) -> None:
     # with the classic output engine, verbose=0 silences them.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not address:
+        # Ray's memory monitor kills a trial's worker once the whole machine passes 95% memory, whoever
+        # uses it, and Tune 2.55 then aborts the sweep ("Caught unexpected exception"): on a shared
+        # workstation that ends sweeps that fit. The kernel's OOM killer still guards the machine.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     import ray
     from ray import tune
 

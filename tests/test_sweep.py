@@ -48,8 +48,10 @@ def resumed_sweep(tmp_path_factory, pneumoniamnist_npz):
     command = [RWFT, "sweep", str(SMOKE), f"output_dir={sweep_dir}", f"data.root={pneumoniamnist_npz}"]
     first = Started(command, tmp / "first.log", env=env)
     try:
-        wait_for(lambda: sum(r["status"] == "complete" for r in _statuses(sweep_dir).values()) >= 3, 900,
+        wait_for(lambda: first.process.poll() is not None
+                 or sum(r["status"] == "complete" for r in _statuses(sweep_dir).values()) >= 3, 1200,
                  "three finished trials")
+        assert first.process.poll() is None, first.text()[-5000:]
     finally:
         first.kill9()
         first.stop()
