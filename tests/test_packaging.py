@@ -17,7 +17,7 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     wheel = next(tmp_path.glob("rwft-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("rwft/core/hookspecs.py", "rwft/core/engine.py", "rwft/plugins/adapters.py",
-                   "rwft/server/app.py", "rwft/clients/app.py"):
+                   "rwft/server/app.py", "rwft/clients/app.py", "rwft/experiments/sweep.py"):
         assert module in names, module
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("rwft = rwft.core.cli:main", "rwft-server = rwft.server.cli:main",
