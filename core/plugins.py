@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.strategies",
     "rwft.plugins.commands",
     "rwft.plugins.commands_hospital",
+    "rwft.plugins.commands_experiments",
 )
 
 KINDS = ("backbones", "adapters", "strategies", "datasets", "commands")

@@ -15,6 +15,7 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,17 @@ def say(message: str) -> None:
     print(f"rwft: {message}", file=sys.stderr, flush=True)
 
 
-def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
+def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Train per ``cfg``, keep the best-validation-AUROC weights, report on test.
 
     ``resume`` continues the run in ``cfg.output_dir`` from its ``last.pt`` (the same
     run, bit for bit on the CPU). Otherwise a folder that already holds a run is
     refused unless ``overwrite``. Nothing in the run directory changes until the data,
     the model and the resume state are all known to be usable.
+
+    ``on_epoch(epoch, val_metrics)`` is called once an epoch is checkpointed (``last.pt``):
+    a sweep reports it to its scheduler from there (``rwft.experiments.trials``).
     """
     run_dir = Path(cfg.output_dir)
     if resume and overwrite:
@@ -89,6 +94,8 @@ def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, pro
         # last.pt is written after best.pt: a crash in between resumes with best.pt current.
         save_checkpoint(run_dir / "last.pt", payload | {"trainer": trainer.state_dict(),
                                                         "best_auroc": best_so_far["auroc"]})
+        if on_epoch is not None:
+            on_epoch(epoch, val)
 
     # Steps are logged as they train, checkpoints written per epoch: a crash leaves steps the
     # resumed run trains again. Per-epoch validation points sit at steps <= the epoch count.

@@ -12,7 +12,7 @@ federation (``rwft-server start --resume``) goes on after its last committed rou
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,13 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
     return call_factory(registration, "a Flower Strategy", lambda value: isinstance(value, Strategy), cfg, **common)
 
 
-def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None) -> ArrayRecord:
-    """Run (or resume) the federation ``run_config`` describes; returns the final global weights."""
+def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> ArrayRecord:
+    """Run (or resume) the federation ``run_config`` describes; returns the final global weights.
+
+    ``on_round(record)`` is called with each round's record once the round is committed
+    (a sweep reports it to its scheduler from there, ``rwft.experiments.trials``).
+    """
     cfg = config_from_run(run_config)
     federation = Federation(cfg, int(run_config[NUM_CLASSES_KEY]), make_strategy(cfg, registries))
     with federation.logger:
@@ -84,7 +89,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
             grid, federation.strategy, arrays, first_round=first_round, last_round=cfg.federation.rounds,
             min_sites=cfg.federation.min_sites, wait_timeout_s=cfg.federation.wait_timeout_s,
             round_timeout_s=cfg.federation.round_timeout_s,
-            on_round=lambda result: federation.commit(result.round, result.arrays, result),
+            on_round=lambda result: federation.commit(result.round, result.arrays, result, on_round),
         )
         federation.finish(evaluate_model(grid, federation.strategy, cfg.federation.rounds, arrays,
                                          cfg.federation.round_timeout_s), arrays)
@@ -105,7 +110,8 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.logger = RunLogger(self.run_dir / "tb")
 
-    def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None) -> None:
+    def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None,
+               on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Score, checkpoint, then log round ``server_round`` (``result`` is ``None`` for round 0)."""
         record = round_record(server_round, self.holdout.evaluate(arrays) if self.holdout else {}, result)
         if result is not None and self.history:  # the sites' scores of the previous round's model
@@ -121,6 +127,8 @@ class Federation:
             log_evaluation(self.logger, result.previous_model)
         previous = result.previous_model if result is not None else None
         print(f"rwft: {round_summary(record, self.cfg.federation.rounds, previous)}", flush=True)
+        if on_round is not None:
+            on_round(record)
 
     def finish(self, evaluation: Evaluation, arrays: ArrayRecord) -> None:
         """Record the sites' scores of the final model and the held-out test report."""

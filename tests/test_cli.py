@@ -20,6 +20,7 @@ def test_plugins_lists_every_kind_with_its_plugin(capsys):
     assert by_name["conv1x1"] == "rwft.plugins.adapters"
     assert by_name["fedavg"] == "rwft.plugins.strategies"
     assert by_name["simulate"] == "rwft.plugins.commands"
+    assert by_name["sweep"] == by_name["report"] == "rwft.plugins.commands_experiments"
 
 
 def test_config_prints_defaults_file_and_overrides(tmp_path, capsys):

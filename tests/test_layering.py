@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package folder -> module prefixes it must never import
 FORBIDDEN = {
-    "core": ("flwr", "ray", "rwft.server", "rwft.clients", "rwft.federation", "rwft.plugins"),
-    "federation": ("rwft.server", "rwft.clients"),
+    "core": ("flwr", "ray", "rwft.server", "rwft.clients", "rwft.federation", "rwft.plugins", "rwft.experiments"),
+    "federation": ("rwft.server", "rwft.clients", "rwft.experiments"),
     "plugins": ("rwft.clients",),
+    # Sweeps sit on top of everything; nothing else builds on them.
+    "server": ("rwft.experiments",),
+    "clients": ("rwft.experiments",),
 }
 
 

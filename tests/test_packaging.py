@@ -17,7 +17,7 @@ def test_wheel_builds_installs_and_imports(tmp_path):
     wheel = next(tmp_path.glob("rwft-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("rwft/core/hookspecs.py", "rwft/core/engine.py", "rwft/plugins/adapters.py",
-                   "rwft/server/app.py", "rwft/clients/app.py"):
+                   "rwft/server/app.py", "rwft/clients/app.py", "rwft/experiments/sweep.py"):
         assert module in names, module
     # The sample data a fresh install trains on, with its attribution and licence (CC BY 4.0).
     for data_file in ("rwft/plugins/data/pneumoniamnist_28.npz", "rwft/plugins/data/README.txt",

@@ -1,0 +1,1 @@
+"""Comparative experiments: sweeps of trials (Ray Tune or one after another), their statistics and reports."""
