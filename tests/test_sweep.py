@@ -143,7 +143,7 @@ def test_the_report_has_its_figures_and_verdicts(resumed_sweep):
     assert "<table>" in (sweep_dir / "report.html").read_text()
     # A single run's report, from one trial's run directory.
     run_dir = next((sweep_dir / "trials").iterdir())
-    single = subprocess.run([RWFT, "report", str(run_dir)], capture_output=True, text=True, timeout=300)
+    single = subprocess.run([RWFT, "report", str(run_dir)], capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
     assert "Test metrics" in (run_dir / "report.md").read_text() and (run_dir / "figures" / "roc.png").is_file()
 
@@ -163,7 +163,7 @@ def test_local_backend_runs_the_same_trials_without_ray(tmp_path, pneumoniamnist
     results = pd.read_csv(sweep_dir / "results.csv")
     assert sorted(results["model.pretrained"]) == [False, True] and set(results["status"]) == {"complete"}
     again = subprocess.run([RWFT, "sweep", "--resume", str(sweep_dir), "--backend", "local"], capture_output=True,
-                           text=True, timeout=300, env=env)
+                           text=True, timeout=600, env=env)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2, again.stderr
 
 
@@ -176,6 +176,6 @@ def test_sweep_file_mistakes_are_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="seeds"):
         load_sweep(bad)
     result = subprocess.run([RWFT, "sweep", str(bad), "scheduler=none", "grid.setting=[both]"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "centralised or federated" in result.stderr
     assert "Traceback" not in result.stderr
