@@ -119,6 +119,23 @@ def check_root_certificate(path: str | os.PathLike[str]) -> Path:
     return file
 
 
+def fingerprint(certificate: str | os.PathLike[str]) -> str:
+    """The SHA-256 fingerprint of a PEM certificate, as ``AB:CD:...``: what a site compares,
+    over the phone or a second channel, before it trusts a ``ca.crt`` it received."""
+    cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` can be reached only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _general_name(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))

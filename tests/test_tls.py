@@ -171,7 +171,7 @@ def test_the_registered_sites_follow_the_key_folder_across_restarts(tmp_path):
     def admitted_after_start() -> tuple[list[str], dict[str, str]]:
         superlink = start_superlink(run_dir, address, certificates=certificates, site_auth=True)
         try:
-            flwr = FlowerCli(run_dir, address, certificates)
+            flwr = FlowerCli(run_dir, superlink.control_address, certificates.ca)
             names = admit_sites(flwr, site_public_keys(keys), run_dir)
             return names, {node["node-id"]: node["status"] for node in flwr.nodes()}
         finally:
