@@ -147,7 +147,7 @@ def diagnose_connection(host: str, port: int, ca: Path | None, *, timeout_s: flo
         try:
             context.wrap_socket(sock, server_hostname=host).close()
         except ssl.SSLCertVerificationError as exc:
-            if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
                 names = ", ".join(_certificate_names(host, port, timeout_s)) or "other names"
                 return (f"the server's certificate is valid for {names}, not for {host}: dial one of those names, or "
                         f"ask the coordinator to make the certificate for {host} (rwft-server start --host {host})")
