@@ -32,6 +32,7 @@ from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_ru
 from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
 from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
+from rwft.server.site_identity import VettedGrid
 from rwft.server.state import FederationState, arrays_of, commit, load_state, restore_strategy, strategy_state
 
 # Both built-in datasets name their classes so; a server without held-out data has no other source.
@@ -62,6 +63,7 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
 def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None) -> ArrayRecord:
     """Run (or resume) the federation ``run_config`` describes; returns the final global weights."""
     cfg = config_from_run(run_config)
+    grid = VettedGrid(grid, cfg.output_dir)  # type: ignore[assignment]  # labels unique, bound to keys (trust-ops)
     federation = Federation(cfg, int(run_config[NUM_CLASSES_KEY]), make_strategy(cfg, registries))
     with federation.logger:
         state = load_state(federation.run_dir)
