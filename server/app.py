@@ -34,6 +34,7 @@ from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
 from rwft.server.site_identity import VettedGrid
 from rwft.server.state import FederationState, arrays_of, commit, load_state, restore_strategy, strategy_state
+from rwft.server.superlink import server_run_config
 
 # Both built-in datasets name their classes so; a server without held-out data has no other source.
 DEFAULT_CLASS_NAMES = ("NORMAL", "PNEUMONIA")
@@ -44,7 +45,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     patch_grid()
-    run_federation(grid, context.run_config)
+    run_federation(grid, server_run_config(context.run_config))  # full config, not the sites' (trust-ops)
 
 
 def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Strategy:

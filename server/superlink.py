@@ -11,9 +11,10 @@ and this run's config). Talking to it goes through the public ``flwr`` CLI with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ CONNECTION = "rwft"
 STARTUP_TIMEOUT_S = 120.0  # the SuperLink imports Flower and opens its database
 LOOPBACK = "127.0.0.1"
 CONTROL_ADDRESS_FILE = "control-address"  # where rwft-server status finds the running SuperLink
+SERVER_CONFIG_ENV = "RWFT_SERVER_RUN_CONFIG"
+SERVER_CONFIG_FILE = "server-run-config.yaml"
+COORDINATOR_PATHS = ("data.root", "data.cache_dir", "federation.certificates", "federation.site_keys")
 
 
 def run_to_the_end(prog: str, superlink: SuperLink, flwr: FlowerCli, run_config: dict[str, Any], cfg: RwftConfig,
@@ -36,10 +40,16 @@ def run_to_the_end(prog: str, superlink: SuperLink, flwr: FlowerCli, run_config:
 
     What ``rwft-server start`` and ``rwft simulate`` share once their SuperLink is up; 0 when
     the run completed, 1 otherwise (the log above says why; ``resume_command`` continues it).
+    With real sites (not simulated), the app they receive carries no coordinator paths
+    (``sites_run_config``).
     """
     run_dir = Path(cfg.output_dir)
     try:
-        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config), federation_config)
+        from rwft.federation.protocol import RUN_CONFIG_KEY
+
+        (run_dir / "superlink" / SERVER_CONFIG_FILE).write_text(str(run_config[RUN_CONFIG_KEY]))
+        shipped = run_config if superlink.gateway is None else sites_run_config(run_config)
+        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", shipped), federation_config)
         print(f"{prog}: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)
         flwr.stream_logs(run_id)
         status = flwr.run_status(run_id)
@@ -56,6 +66,34 @@ def run_to_the_end(prog: str, superlink: SuperLink, flwr: FlowerCli, run_config:
           f"  metrics:      {run_dir / 'metrics.json'}\n"
           f"  TensorBoard:  tensorboard --logdir {run_dir}")
     return 0
+
+
+def sites_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """``run_config`` without the coordinator's file paths: what the Flower app sent to every site carries.
+
+    The sites read their own data (``data.root``, ``data.cache_dir`` are theirs); the ServerApp
+    reads the full config from ``RUN_DIR/superlink/server-run-config.yaml`` instead
+    (``server_run_config``; ``start_superlink`` tells it where through ``SERVER_CONFIG_ENV``).
+    """
+    from omegaconf import OmegaConf
+
+    from rwft.federation.protocol import RUN_CONFIG_KEY
+
+    raw = OmegaConf.create(str(run_config[RUN_CONFIG_KEY]))
+    for key in COORDINATOR_PATHS:
+        OmegaConf.update(raw, key, None, merge=False)
+    OmegaConf.update(raw, "output_dir", "coordinator", merge=False)
+    return {**run_config, RUN_CONFIG_KEY: OmegaConf.to_yaml(raw)}
+
+
+def server_run_config(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ServerApp's run config: the coordinator's full one when it was started by ``rwft-server``."""
+    from rwft.federation.protocol import RUN_CONFIG_KEY
+
+    file = os.environ.get(SERVER_CONFIG_ENV)
+    if not file or not Path(file).is_file():
+        return run_config
+    return {**run_config, RUN_CONFIG_KEY: Path(file).read_text()}
 
 
 def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
@@ -120,6 +158,7 @@ def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
     if simulation:
         command.append("--simulation")
     env = flower_env(run_dir / "flower-home")
+    env[SERVER_CONFIG_ENV] = str(superlink_dir / SERVER_CONFIG_FILE)  # the ServerApp's own config (server_run_config)
     if simulation:  # every simulated site's output line, and no Ray warning about GPUs it will not use
         env |= {"RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     process = ChildProcess("the SuperLink", command, env=env, log_file=superlink_dir / "superlink.log",

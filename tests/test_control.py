@@ -77,6 +77,9 @@ def test_an_outsider_with_the_ca_cannot_control_the_federation(tmp_path, pneumon
     assert metrics["complete"] and [set(r["sites"]) for r in metrics["rounds"][1:]] == [{"hospitalA"}]
     registered = json.loads((run / "superlink" / "site_keys.json").read_text())
     assert set(registered) == {"hospitalA"}
+    # The Flower app every site receives carries none of the coordinator's paths.
+    shipped = (run / "flower-app" / "pyproject.toml").read_text()
+    assert str(tmp_path) not in shipped and "rwft-config" in shipped
     # Run files are private to the coordinator.
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
     for private in (run / "superlink" / "state.db", run / "metrics.json", run / "model.pt"):
