@@ -12,7 +12,8 @@ every reply passes through ``VettedGrid`` before the rounds see it:
   restarts gets a new node id and takes its label back once the old node is gone).
 
 A refused reply becomes an error reply with the reason (the round goes on without it,
-and the reason is in the server's log and the round's site errors).
+and the reason is in the server's log and the round's site errors). Error replies and
+sites left out at a round's timeout are named by their label, not by a node id alone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class VettedGrid:
         return getattr(self._grid, name)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        # Messages of the previous exchange still unanswered: their sites were left out at its timeout.
+        for original in self._sent.values():
+            print(f"rwft: no reply from {self.name(original.metadata.dst_node_id)} within "
+                  "federation.round_timeout_s: the round went on without it", flush=True)
+        self._sent.clear()
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
         self._sent.update(zip(ids, messages, strict=True))
@@ -50,13 +56,25 @@ class VettedGrid:
         replies = []
         for reply in self._grid.pull_messages(message_ids):
             original = self._sent.pop(reply.metadata.reply_to_message_id, None)
-            reason = None if reply.has_error() else self.refusal(reply.metadata.src_node_id, _label(reply))
-            if reason is None or original is None:
+            if original is None:
                 replies.append(reply)
-                continue
-            print(f"rwft: refused a reply: {reason}", flush=True)
-            replies.append(Message(Error(IDENTITY_REFUSED, reason), reply_to=original))
+            elif reply.has_error():
+                # Errors the SuperLink makes for a site (it went away) come from the SuperLink's own node
+                # id: say which site it was, from the message it was sent.
+                site = self.name(original.metadata.dst_node_id)
+                replies.append(Message(Error(reply.error.code, f"{site}: {reply.error.reason}"), reply_to=original))
+            elif (reason := self.refusal(reply.metadata.src_node_id, _label(reply))) is not None:
+                print(f"rwft: refused a reply: {reason}", flush=True)
+                replies.append(Message(Error(IDENTITY_REFUSED, reason), reply_to=original))
+            else:
+                replies.append(reply)
         return replies
+
+    def name(self, node_id: int) -> str:
+        """``site LABEL (node N)`` when the node's label is known, else ``node N``."""
+        label = self._registered().get(node_id) or next(
+            (label for label, owner in self._owner.items() if owner == node_id), None)
+        return f"site {label} (node {node_id})" if label else f"node {node_id}"
 
     def refusal(self, node_id: int, label: str) -> str | None:
         """Why node ``node_id`` may not speak for ``label``; None when it may."""
