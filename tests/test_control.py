@@ -25,7 +25,7 @@ def _flwr(home, *args):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(1200)
 def test_an_outsider_with_the_ca_cannot_control_the_federation(tmp_path, pneumoniamnist_npz):
     keys = tmp_path / "keys"
     hospital_key, _ = create_site_key(keys, "hospitalA")
@@ -67,7 +67,7 @@ def test_an_outsider_with_the_ca_cannot_control_the_federation(tmp_path, pneumon
         # The admitted hospital still trains, and the run completes (it was not stopped).
         client = join("hospitalA", address, site, tmp_path / "hospitalA",
                       extra=["--root-certificates", str(ca), "--auth-key", str(hospital_key)])
-        code = server.wait(timeout=300)
+        code = server.wait(timeout=900)
     finally:
         server.stop()
         if client is not None:

@@ -71,7 +71,7 @@ def test_wrong_or_missing_files_say_what_to_do(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(1200)
 def test_a_federation_admits_only_sites_that_trust_its_ca_and_hold_a_registered_key(tmp_path, pneumoniamnist_npz):
     for command in (["rwft-server", "certs", "--out", str(tmp_path / "certs")],
                     ["rwft-client", "keygen", "--site", "hospitalA", "--out", str(tmp_path / "keys")]):
@@ -112,7 +112,7 @@ def test_a_federation_admits_only_sites_that_trust_its_ca_and_hold_a_registered_
         clients.append(join("hospitalA", address, site, tmp_path / "hospitalA",
                             extra=["--root-certificates", ca, "--auth-key",
                                    str(tmp_path / "site-only" / "hospitalA.key")]))
-        code = server.wait(timeout=240)
+        code = server.wait(timeout=900)
     finally:
         server.stop()
         for client in clients:
