@@ -1,11 +1,13 @@
 """A SuperLink for one federation, and the ``flwr`` commands that talk to it.
 
-Everything about it lives in the run directory: ``superlink/state.db`` (Flower's
-persistent state), ``superlink/superlink.log``, ``flower-home/config.toml`` (the
-``FLWR_HOME`` with the one connection, ``rwft``, that the ``flwr`` commands use) and
-``flower-app/pyproject.toml`` (the Flower app: rwft's installed ServerApp and ClientApp,
-and this run's config). Talking to it goes through the public ``flwr`` CLI with
-``--format json``.
+Everything about it lives in the run directory, private to this user: ``superlink/state.db``
+(Flower's persistent state), ``superlink/superlink.log``, ``superlink/gateway.log``,
+``superlink/control-address`` (where its Control API listens, on loopback only),
+``flower-home/config.toml`` (the ``FLWR_HOME`` with the one connection, ``rwft``, that the
+``flwr`` commands use) and ``flower-app/pyproject.toml`` (the Flower app: rwft's installed
+ServerApp and ClientApp, and this run's config without the coordinator's paths). The sites
+reach it only through ``rwft.server.gateway`` (Fleet API only). Talking to it goes through
+the public ``flwr`` CLI with ``--format json``.
 """
 
 from __future__ import annotations
