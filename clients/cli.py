@@ -32,10 +32,18 @@ from rwft.core.errors import RwftError
 from rwft.federation.processes import ChildProcess, flower_env, free_port, run_command, split_address
 from rwft.federation.protocol import check_site_label
 from rwft.federation.site_keys import check_site_private_key, create_site_key
-from rwft.federation.tls import check_root_certificate
+from rwft.federation.tls import check_root_certificate, diagnose_connection, is_loopback
 
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
 ADMISSION_RETRY_S = 10.0  # how often a site whose key is not registered yet asks again
+REJOIN_S = 5.0  # pause before joining the new federation that replaced this site's
+DIAGNOSE_AFTER_TRIES = 4  # failed connection attempts (about 20 s of Flower's backoff) before saying why
+# Flower's log lines rwft reacts to; tests/test_client_cli.py pins each against the installed Flower.
+JOINED = "SuperNode ID:"
+RETRYING = "Connection attempt failed, retrying in"
+KEY_REFUSED = "Failed to activate SuperNode"
+NO_KEY = "All SuperNodes must be registered"
+NEW_FEDERATION = "401 Unauthorized"  # a heartbeat or pull from a node the SuperLink does not know
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--threads", type=int, help="torch CPU threads for training at this site")
     join.add_argument("--root-certificates", metavar="CA.crt",
                       help="the federation's ca.crt from its coordinator: connect over TLS and accept only the "
-                           "server it certifies (without it: no TLS)")
+                           "server it certifies (required unless the server is on this machine, or --insecure)")
+    join.add_argument("--insecure", action="store_true",
+                      help="connect without TLS to a server on another machine (only inside a VPN you trust)")
     join.add_argument("--auth-key", metavar="NAME.key",
                       help="this site's private key (rwft-client keygen), for federations that admit only "
                            "registered sites; its NAME.pub must be with the coordinator")
@@ -88,7 +98,13 @@ def _join(args: argparse.Namespace) -> int:
     from rwft.core.sitecheck import check_site
 
     label = check_site_label(args.site)
-    split_address(args.server)  # a malformed address fails here, not in the SuperNode's log
+    server_host, _ = split_address(args.server)  # a malformed address fails here, not in the SuperNode's log
+    if not args.root_certificates and not args.insecure and not is_loopback(server_host):
+        raise RwftError(f"{args.server} is another machine: join it over TLS with --root-certificates ca.crt. The "
+                        "coordinator's `rwft-server start` printed where its ca.crt is (RUN_DIR/certs/ca.crt unless "
+                        "it set federation.certificates) and its SHA-256 fingerprint: get the file from the "
+                        "coordinator and compare the fingerprint (`openssl x509 -noout -fingerprint -sha256 -in "
+                        "ca.crt`). Only inside a VPN you trust: --insecure.")
     data = str(Path(args.data).expanduser().resolve())
     dataset = args.dataset or dataset_for_path(data)
     print(check_site(data, dataset, args.image_size).format(), flush=True)
@@ -102,9 +118,9 @@ def _join(args: argparse.Namespace) -> int:
         transport = ["--root-certificates", str(check_root_certificate(args.root_certificates))]
     else:
         transport = ["--insecure"]
-        print("rwft-client: warning: without --root-certificates the connection is not encrypted and this site "
-              "cannot tell the federation's server from another. Fine on one machine or inside a VPN; otherwise "
-              "ask the coordinator for its ca.crt.", file=sys.stderr, flush=True)
+        if not args.insecure:
+            print("rwft-client: warning: without --root-certificates the connection is not encrypted. Fine only "
+                  "when the server runs on this machine.", file=sys.stderr, flush=True)
     if args.auth_key:
         transport += ["--auth-supernode-private-key", str(check_site_private_key(args.auth_key))]
     port = args.port or free_port(RUNTIME_HOST)
@@ -114,6 +130,7 @@ def _join(args: argparse.Namespace) -> int:
     if args.isolation == "warm":
         command += ["--isolation", "process"]
     env = flower_env(work_dir / "flower-home", **extra_env)
+    ca = Path(args.root_certificates).resolve() if args.root_certificates else None
     while True:
         supernode = ChildProcess(f"site {label}'s SuperNode", command, env=env,
                                  log_file=work_dir / "supernode.log", cwd=work_dir)
@@ -122,40 +139,54 @@ def _join(args: argparse.Namespace) -> int:
         try:
             supernode.wait_for_port(RUNTIME_HOST, port, timeout_s=120)
             stop = threading.Event()
-            threading.Thread(target=_watch, args=(supernode, stop), daemon=True).start()
+            threading.Thread(target=_watch, args=(supernode, stop, args.server, ca), daemon=True).start()
             if args.isolation == "warm":
                 _serve_warm(f"{RUNTIME_HOST}:{port}", args.threads, stop)
             else:
                 stop.wait()
         finally:
             supernode.stop()
-        log = supernode.own_output()[-5000:]
-        # Flower's code 2004: the SuperLink does not know this key. The coordinator may not have
-        # registered it yet (sites often start first), so wait for that instead of giving up.
-        if args.auth_key and "Failed to activate SuperNode" in log:
-            print(f"rwft-client: the federation at {args.server} has not admitted the key {args.auth_key} (yet): "
-                  f"its NAME.pub must be in the coordinator's federation.site_keys folder. Trying again in "
+        log = supernode.own_output()
+        joined = _node_id(log)
+        if joined and (NEW_FEDERATION in log or supernode.process.returncode == 0):
+            # A joined SuperNode ends by itself when the SuperLink answers 401 (Flower then interrupts
+            # itself and exits 0): the SuperLink no longer knows this node, because a new federation (a new
+            # state database) took the address, or the coordinator revoked this site. Rejoining registers
+            # this site with the new federation under a new node id; a revoked key is refused, and said so.
+            print(f"rwft-client: the federation at {args.server} no longer knows this site (node {joined}): its "
+                  f"server started a new federation, or revoked this site. Rejoining in {REJOIN_S:.0f} s.",
+                  file=sys.stderr, flush=True)
+            time.sleep(REJOIN_S)
+            continue
+        # Flower's code 2004: the SuperLink refused this key. The coordinator may not have registered it
+        # yet (sites often start first), or the same key is connected already; wait instead of giving up.
+        if args.auth_key and KEY_REFUSED in log:
+            print(f"rwft-client: the federation at {args.server} has not admitted the key {args.auth_key}: either "
+                  f"its NAME.pub is not (yet) in the coordinator's federation.site_keys folder, or another "
+                  f"SuperNode holding this key is connected right now (this site started twice?). Trying again in "
                   f"{ADMISSION_RETRY_S:.0f} s; Ctrl-C to stop.", file=sys.stderr, flush=True)
             time.sleep(ADMISSION_RETRY_S)
             continue
-        raise RwftError(_why_the_supernode_stopped(args, supernode, log))
+        raise RwftError(_why_the_supernode_stopped(args, supernode, log[-5000:], ca))
 
 
-def _why_the_supernode_stopped(args: argparse.Namespace, supernode: ChildProcess, log: str) -> str:
+def _node_id(log: str) -> str | None:
+    """The node id the SuperLink gave this SuperNode, from its own log (None before it joined)."""
+    return log.split(JOINED)[-1].split()[0] if JOINED in log else None
+
+
+def _why_the_supernode_stopped(args: argparse.Namespace, supernode: ChildProcess, log: str,
+                               ca: Path | None) -> str:
     """What the site's operator should know and do, from the end of the SuperNode's log."""
-    if "CERTIFICATE_VERIFY_FAILED" in log:
-        return (f"the server at {args.server} presented a certificate that "
-                + (f"{args.root_certificates} did not sign" if args.root_certificates
-                   else "this site cannot check without --root-certificates")
-                + ". Ask the federation's coordinator for its ca.crt and pass it as --root-certificates "
-                f"(details in {supernode.log_file}).")
-    if "All SuperNodes must be registered" in log:  # Flower's code 2001: a key is required and none was given
+    if "CERTIFICATE_VERIFY_FAILED" in log or "WRONG_VERSION_NUMBER" in log:
+        host, port = split_address(args.server)
+        why = diagnose_connection(host, port, ca)
+        if why:
+            return f"{why} (details in {supernode.log_file})."
+    if NO_KEY in log:  # Flower's code 2001: a key is required and none was given
         return (f"the federation at {args.server} admits only registered sites, and this site gave no key. Make "
                 "a key pair with `rwft-client keygen --site NAME`, send NAME.pub to the coordinator, and join "
                 "with --auth-key NAME.key.")
-    if "WRONG_VERSION_NUMBER" in log:
-        return (f"the server at {args.server} does not speak TLS: leave out --root-certificates, or ask its "
-                "coordinator to serve with federation.certificates.")
     return (f"the SuperNode stopped (exit code {supernode.process.returncode}); its log "
             f"{supernode.log_file} ends with:\n{supernode.log_tail()}")
 
@@ -171,13 +202,22 @@ def _serve_warm(runtime_address: str, threads: int | None, stop: threading.Event
     serve(runtime_address, app, stop)
 
 
-def _watch(supernode: ChildProcess, stop: threading.Event) -> None:
-    """Report the node id once connected; set ``stop`` if the SuperNode exits."""
-    announced = False
+def _watch(supernode: ChildProcess, stop: threading.Event, server: str, ca: Path | None) -> None:
+    """Report the node id once connected, and what is wrong if connecting keeps failing; set
+    ``stop`` if the SuperNode exits."""
+    announced = diagnosed = False
     while supernode.alive():
-        if not announced and "SuperNode ID:" in (text := supernode.log_tail(200)):
-            node_id = text.split("SuperNode ID:")[-1].split()[0]
+        # Only this SuperNode's own output: an older one's id in the same log would be stale.
+        text = "" if announced else supernode.own_output()
+        if not announced and (node_id := _node_id(text)):
             print(f"rwft-client: joined the federation as node {node_id}; serving rounds", flush=True)
             announced = True
+        if not announced and not diagnosed and text.count(RETRYING) >= DIAGNOSE_AFTER_TRIES:
+            host, port = split_address(server)
+            why = diagnose_connection(host, port, ca)
+            print(f"rwft-client: cannot join yet after {DIAGNOSE_AFTER_TRIES} tries: "
+                  f"{why or 'the server accepts the connection but does not answer as a SuperLink'}. "
+                  "Still trying; Ctrl-C to stop.", file=sys.stderr, flush=True)
+            diagnosed = True
         stop.wait(1.0)
     stop.set()

@@ -85,7 +85,7 @@ class FederationConfig:
     site_keys: str | None = None  # folder of admitted sites' NAME.pub (rwft-client keygen); needs certificates
     wait_timeout_s: float = 600.0  # how long the server waits for min_sites before giving up
     server_eval: bool = True  # evaluate the global model on a server-side held-out set
-    round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long
+    round_timeout_s: float = 900.0  # a round goes on with the replies it has after this long (a dead site costs at most this)
     sites: int = 3  # rwft simulate: how many hospitals to simulate
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
     site_shifts: list[str] = field(default_factory=list)  # rwft simulate: per site a scanner shift (rwft.core.shift), "" = none

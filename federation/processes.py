@@ -3,12 +3,16 @@
 Children (a SuperLink, a SuperNode) stay in the rwft command's process group: a Ctrl-C
 in the terminal reaches all of them at once and each shuts down gracefully, and a crash
 of the whole command (``kill -9`` of its group, a reboot) takes them down with it, as a
-crash should. ``stop`` ends one child by its pid, SIGTERM then SIGKILL; the helpers
+crash should. A crash of the rwft command alone (``kill -9`` of its pid, the OOM killer)
+does too: on Linux each child asks the kernel for SIGTERM when its parent dies
+(``PR_SET_PDEATHSIG``), so no SuperNode lives on as an orphan that accepts rounds with no
+worker behind it. ``stop`` ends one child by its pid, SIGTERM then SIGKILL; the helpers
 Flower starts (SuperExec, ServerApp processes) watch their parent and exit with it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -20,6 +24,29 @@ from pathlib import Path
 from typing import IO
 
 from rwft.core.errors import RwftError
+
+PRIVATE_UMASK = 0o077  # files a federation's processes write: state.db, logs, TensorBoard, models
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can enter (0700), made if missing."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGTERM when ``parent`` dies (Linux; elsewhere none)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
@@ -90,14 +117,17 @@ class ChildProcess:
     """A command this process started, its output appended to ``log_file``."""
 
     def __init__(self, name: str, command: Sequence[str], *, env: dict[str, str], log_file: Path,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, umask: int = -1) -> None:
         self.name = name
         self.log_file = log_file
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = open(log_file, "ab")  # noqa: SIM115 - closed in stop()
+        # Logs name sites, paths and errors: readable by this user only.
+        self._log: IO[bytes] = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self._log_start = self._log.tell()  # where this process's output begins in an appended log
+        # The parent-death signal is per thread: children are started from the main thread.
         self.process = subprocess.Popen(list(command), env=env, cwd=cwd, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, umask=umask,
+                                        preexec_fn=_die_with_parent(os.getpid()))
 
     @property
     def pid(self) -> int:

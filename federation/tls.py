@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,70 @@ def check_root_certificate(path: str | os.PathLike[str]) -> Path:
         raise RwftError(f"--root-certificates {path}: not a PEM certificate. Pass the federation's ca.crt "
                         "(the file starting with -----BEGIN CERTIFICATE-----), not a key.") from None
     return file
+
+
+def fingerprint(certificate: str | os.PathLike[str]) -> str:
+    """The SHA-256 fingerprint of a PEM certificate, as ``AB:CD:...``: what a site compares,
+    over the phone or a second channel, before it trusts a ``ca.crt`` it received."""
+    cert = x509.load_pem_x509_certificate(Path(certificate).read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def diagnose_connection(host: str, port: int, ca: Path | None, *, timeout_s: float = 10.0) -> str | None:
+    """Why a site cannot talk to the server at ``host:port`` with ``ca`` (None: plain HTTP), in
+    one sentence for its operator; None when TCP and TLS both work as configured.
+
+    It opens a connection of its own, so each cause is told apart: nothing listening (wrong
+    port, server down), a TLS server dialled in plain text or the reverse, a certificate for
+    other host names, a certificate another CA signed.
+    """
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        return (f"nothing accepts connections at {where} ({exc.strerror or exc}): check the address and port, "
+                "and that the federation's server is running")
+    with sock:
+        context = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+        try:
+            context.wrap_socket(sock, server_hostname=host).close()
+        except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                names = ", ".join(_certificate_names(host, port, timeout_s)) or "other names"
+                return (f"the server's certificate is valid for {names}, not for {host}: dial one of those names, or "
+                        f"ask the coordinator to make the certificate for {host} (rwft-server start --host {host})")
+            return (f"the server at {where} presented a certificate that {ca} did not sign ({exc.verify_message}): "
+                    "ask the federation's coordinator for its current ca.crt")
+        except (TimeoutError, ssl.SSLError, ConnectionError):
+            return (f"the server at {where} does not speak TLS: leave out --root-certificates (only on one machine "
+                    "or inside a VPN), or ask its coordinator to serve TLS") if ca else None
+    if ca is None:
+        return (f"the server at {where} speaks TLS and this site dialled it without: join with "
+                "--root-certificates ca.crt (the coordinator's rwft-server start printed where it is)")
+    return None
+
+
+def _certificate_names(host: str, port: int, timeout_s: float) -> list[str]:
+    """The host names and addresses in the certificate the server at ``host:port`` presents."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock, \
+                ssl._create_unverified_context().wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+        names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    return [str(name) for name in names.value.get_values_for_type(x509.DNSName)] + \
+        [str(address) for address in names.value.get_values_for_type(x509.IPAddress)]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` can be reached only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _general_name(name: str) -> x509.GeneralName:

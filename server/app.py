@@ -32,7 +32,9 @@ from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_ru
 from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
 from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
+from rwft.server.site_identity import VettedGrid
 from rwft.server.state import FederationState, arrays_of, commit, load_state, restore_strategy, strategy_state
+from rwft.server.superlink import server_run_config
 
 # Both built-in datasets name their classes so; a server without held-out data has no other source.
 DEFAULT_CLASS_NAMES = ("NORMAL", "PNEUMONIA")
@@ -43,7 +45,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     patch_grid()
-    run_federation(grid, context.run_config)
+    run_federation(grid, server_run_config(context.run_config))  # full config, not the sites' (trust-ops)
 
 
 def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Strategy:
@@ -68,6 +70,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
     (a sweep reports it to its scheduler from there, ``rwft.experiments.trials``).
     """
     cfg = config_from_run(run_config)
+    grid = VettedGrid(grid, cfg.output_dir)  # type: ignore[assignment]  # labels unique, bound to keys (trust-ops)
     federation = Federation(cfg, int(run_config[NUM_CLASSES_KEY]), make_strategy(cfg, registries))
     with federation.logger:
         state = load_state(federation.run_dir)

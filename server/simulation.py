@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from rwft.core.config import RwftConfig, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.partition import describe_partition, partition_indices
 from rwft.core.shift import describe, site_shifts
-from rwft.federation.processes import free_port, run_command
+from rwft.federation.processes import PRIVATE_UMASK, free_port, private_dir, run_command
 
 
 def main(argv: Sequence[str]) -> int:
@@ -66,7 +65,7 @@ def simulate(cfg: RwftConfig, *, cpus: int, resume: bool = False) -> int:
     import torch
 
     from rwft.server.launch import prepare_federation
-    from rwft.server.superlink import FlowerCli, start_superlink, write_flower_app
+    from rwft.server.superlink import FlowerCli, run_to_the_end, start_superlink
 
     sites = cfg.federation.sites
     shifts = site_shifts(cfg.federation.site_shifts, sites)  # a bad spec stops here, before anything starts
@@ -79,27 +78,14 @@ def simulate(cfg: RwftConfig, *, cpus: int, resume: bool = False) -> int:
         print("rwft simulate: scanner shifts per site: "
               + "; ".join(f"site-{i}: {describe(shift)}" for i, shift in enumerate(shifts)), flush=True)
 
+    os.umask(PRIVATE_UMASK)  # the run directory is this user's only
     cfg, run_config = prepare_federation(cfg, resume=resume)
-    run_dir = Path(cfg.output_dir)
+    run_dir = private_dir(Path(cfg.output_dir))
     address = f"127.0.0.1:{free_port()}"
     gpus = 1.0 if torch.cuda.is_available() else 0.0
     federation_config = [f"num-supernodes={sites}", f"client-resources-num-cpus={max(1, cpus // sites)}",
                          f"client-resources-num-gpus={gpus}", f"init-args-num-cpus={cpus}",
                          f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}"]
     superlink = start_superlink(run_dir, address, simulation=True)
-    flwr = FlowerCli(run_dir, address)
-    try:
-        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", run_config), federation_config)
-        print(f"rwft simulate: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}",
-              flush=True)
-        flwr.stream_logs(run_id)
-        status = flwr.run_status(run_id)
-    finally:
-        superlink.stop()
-    if status != "finished:completed":
-        print(f"rwft simulate: the run ended as {status}; its log is above and in {run_dir / 'superlink'}. "
-              f"Continue it with: rwft simulate --resume {run_dir}", file=sys.stderr)
-        return 1
-    print(f"rwft simulate: done.\n  global model: {run_dir / 'model.pt'}\n  metrics:      {run_dir / 'metrics.json'}\n"
-          f"  TensorBoard:  tensorboard --logdir {run_dir}")
-    return 0
+    return run_to_the_end("rwft simulate", superlink, FlowerCli(run_dir, superlink.control_address), run_config, cfg,
+                          resume_command=f"rwft simulate --resume {run_dir}", federation_config=federation_config)

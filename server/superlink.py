@@ -1,30 +1,101 @@
 """A SuperLink for one federation, and the ``flwr`` commands that talk to it.
 
-Everything about it lives in the run directory: ``superlink/state.db`` (Flower's
-persistent state), ``superlink/superlink.log``, ``flower-home/config.toml`` (the
-``FLWR_HOME`` with the one connection, ``rwft``, that the ``flwr`` commands use) and
-``flower-app/pyproject.toml`` (the Flower app: rwft's installed ServerApp and ClientApp,
-and this run's config). Talking to it goes through the public ``flwr`` CLI with
-``--format json``.
+Everything about it lives in the run directory, private to this user: ``superlink/state.db``
+(Flower's persistent state), ``superlink/superlink.log``, ``superlink/gateway.log``,
+``superlink/control-address`` (where its Control API listens, on loopback only),
+``flower-home/config.toml`` (the ``FLWR_HOME`` with the one connection, ``rwft``, that the
+``flwr`` commands use) and ``flower-app/pyproject.toml`` (the Flower app: rwft's installed
+ServerApp and ClientApp, and this run's config without the coordinator's paths). The sites
+reach it only through ``rwft.server.gateway`` (Fleet API only). Talking to it goes through
+the public ``flwr`` CLI with ``--format json``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from rwft.core.config import RwftConfig
 from rwft.core.errors import RwftError
-from rwft.federation.processes import ChildProcess, flower_env, split_address
+from rwft.federation.processes import PRIVATE_UMASK, ChildProcess, flower_env, free_port, private_dir, split_address
 from rwft.federation.tls import FederationCertificates
 
 CONNECTION = "rwft"
 STARTUP_TIMEOUT_S = 120.0  # the SuperLink imports Flower and opens its database
+LOOPBACK = "127.0.0.1"
+CONTROL_ADDRESS_FILE = "control-address"  # where rwft-server status finds the running SuperLink
+SERVER_CONFIG_ENV = "RWFT_SERVER_RUN_CONFIG"
+SERVER_CONFIG_FILE = "server-run-config.yaml"
+COORDINATOR_PATHS = ("data.root", "data.cache_dir", "federation.certificates", "federation.site_keys")
+
+
+def run_to_the_end(prog: str, superlink: SuperLink, flwr: FlowerCli, run_config: dict[str, Any], cfg: RwftConfig,
+                   *, resume_command: str, federation_config: Sequence[str] = ()) -> int:
+    """Submit the federation's run, stream its log here, stop ``superlink``, and say how it ended.
+
+    What ``rwft-server start`` and ``rwft simulate`` share once their SuperLink is up; 0 when
+    the run completed, 1 otherwise (the log above says why; ``resume_command`` continues it).
+    With real sites (not simulated), the app they receive carries no coordinator paths
+    (``sites_run_config``).
+    """
+    run_dir = Path(cfg.output_dir)
+    try:
+        from rwft.federation.protocol import RUN_CONFIG_KEY
+
+        (run_dir / "superlink" / SERVER_CONFIG_FILE).write_text(str(run_config[RUN_CONFIG_KEY]))
+        shipped = run_config if superlink.gateway is None else sites_run_config(run_config)
+        run_id = flwr.submit(write_flower_app(run_dir / "flower-app", shipped), federation_config)
+        print(f"{prog}: run {run_id}: {cfg.federation.rounds} rounds of {cfg.federation.strategy}", flush=True)
+        flwr.stream_logs(run_id)
+        status = flwr.run_status(run_id)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: stopped. Continue with: {resume_command}", file=sys.stderr)
+        raise
+    finally:
+        superlink.stop()
+    if status != "finished:completed":
+        print(f"{prog}: the run ended as {status}; its log is above and in {run_dir / 'superlink'}. "
+              f"Continue it with: {resume_command}", file=sys.stderr)
+        return 1
+    print(f"{prog}: done.\n  global model: {run_dir / 'model.pt'}  (rwft evaluate {run_dir / 'model.pt'})\n"
+          f"  metrics:      {run_dir / 'metrics.json'}\n"
+          f"  TensorBoard:  tensorboard --logdir {run_dir}")
+    return 0
+
+
+def sites_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """``run_config`` without the coordinator's file paths: what the Flower app sent to every site carries.
+
+    The sites read their own data (``data.root``, ``data.cache_dir`` are theirs); the ServerApp
+    reads the full config from ``RUN_DIR/superlink/server-run-config.yaml`` instead
+    (``server_run_config``; ``start_superlink`` tells it where through ``SERVER_CONFIG_ENV``).
+    """
+    from omegaconf import OmegaConf
+
+    from rwft.federation.protocol import RUN_CONFIG_KEY
+
+    raw = OmegaConf.create(str(run_config[RUN_CONFIG_KEY]))
+    for key in COORDINATOR_PATHS:
+        OmegaConf.update(raw, key, None, merge=False)
+    OmegaConf.update(raw, "output_dir", "coordinator", merge=False)
+    return {**run_config, RUN_CONFIG_KEY: OmegaConf.to_yaml(raw)}
+
+
+def server_run_config(run_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ServerApp's run config: the coordinator's full one when it was started by ``rwft-server``."""
+    from rwft.federation.protocol import RUN_CONFIG_KEY
+
+    file = os.environ.get(SERVER_CONFIG_ENV)
+    if not file or not Path(file).is_file():
+        return run_config
+    return {**run_config, RUN_CONFIG_KEY: Path(file).read_text()}
 
 
 def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
@@ -44,16 +115,38 @@ def write_flower_app(app_dir: Path, run_config: dict[str, Any]) -> Path:
     return app_dir
 
 
-def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
-                    certificates: FederationCertificates | None = None, site_auth: bool = False) -> ChildProcess:
-    """Start ``flower-superlink`` for ``run_dir`` serving ``address``; returns once it accepts connections.
+class SuperLink:
+    """A running SuperLink: ``control_address`` (loopback, for the coordinator's ``flwr``
+    commands) and, for real sites, the gateway serving ``federation.address``."""
 
-    With ``certificates`` it serves TLS only (``rwft.federation.tls``); without, plain HTTP. With
-    ``site_auth`` it admits only SuperNodes whose keys were registered
-    (``FlowerCli.register_site``, ``rwft.federation.site_keys``).
+    def __init__(self, process: ChildProcess, control_address: str, gateway: ChildProcess | None) -> None:
+        self.process = process
+        self.control_address = control_address
+        self.gateway = gateway
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        self.process.stop()
+
+
+def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
+                    certificates: FederationCertificates | None = None, site_auth: bool = False) -> SuperLink:
+    """Start ``flower-superlink`` for ``run_dir``; returns once the sites can connect to ``address``.
+
+    The SuperLink itself listens on a loopback port only (``SuperLink.control_address``): its
+    Control API must never be reachable by the sites (``rwft.server.gateway``). Unless
+    ``simulation`` (no sites connect), the gateway serves ``address`` with the Fleet API alone.
+    With ``certificates`` both serve TLS only (``rwft.federation.tls``); without, plain HTTP. With
+    ``site_auth`` the SuperLink admits only SuperNodes whose keys were registered
+    (``FlowerCli.register_site``, ``rwft.federation.site_keys``). Everything they write is
+    private to this user (``PRIVATE_UMASK``).
     """
     host, port = split_address(address)
-    (run_dir / "superlink").mkdir(parents=True, exist_ok=True)
+    control_port = port if simulation else free_port(LOOPBACK)
+    control_address = f"{LOOPBACK}:{control_port}"
+    superlink_dir = run_dir / "superlink"
+    private_dir(superlink_dir)
     if certificates is None:
         transport = ["--insecure"]
     else:
@@ -62,42 +155,74 @@ def start_superlink(run_dir: Path, address: str, *, simulation: bool = False,
     if site_auth:
         transport.append("--enable-supernode-auth")
     command = [str(Path(sys.executable).parent / "flower-superlink"), *transport,
-               "--database", str(run_dir / "superlink" / "state.db"),
-               "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+               "--database", str(superlink_dir / "state.db"),
+               "--disable-runtime-dependency-installation", "--host", LOOPBACK, "--port", str(control_port)]
     if simulation:
         command.append("--simulation")
-    env = FlowerCli(run_dir, address, certificates).env
+    env = flower_env(run_dir / "flower-home")
+    env[SERVER_CONFIG_ENV] = str(superlink_dir / SERVER_CONFIG_FILE)  # the ServerApp's own config (server_run_config)
     if simulation:  # every simulated site's output line, and no Ray warning about GPUs it will not use
         env |= {"RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-    process = ChildProcess("the SuperLink", command, env=env,
-                           log_file=run_dir / "superlink" / "superlink.log", cwd=run_dir)
+    process = ChildProcess("the SuperLink", command, env=env, log_file=superlink_dir / "superlink.log",
+                           cwd=run_dir, umask=PRIVATE_UMASK)
+    gateway = None
     try:
-        process.wait_for_port(host, port, STARTUP_TIMEOUT_S)
+        process.wait_for_port(LOOPBACK, control_port, STARTUP_TIMEOUT_S)
+        (superlink_dir / CONTROL_ADDRESS_FILE).write_text(json.dumps(
+            {"address": control_address, "ca": str(certificates.ca) if certificates else None}) + "\n")
+        if not simulation:
+            scheme = "http" if certificates is None else "https"
+            gateway_command = [sys.executable, "-m", "rwft.server.gateway", "--listen", address,
+                               "--upstream", f"{scheme}://{control_address}"]
+            if certificates is not None:
+                gateway_command += ["--certfile", str(certificates.certificate), "--keyfile", str(certificates.key),
+                                    "--upstream-ca", str(certificates.ca)]
+            gateway = ChildProcess("the sites' gateway", gateway_command, env=env,
+                                   log_file=superlink_dir / "gateway.log", cwd=run_dir, umask=PRIVATE_UMASK)
+            gateway.wait_for_port(host, port, STARTUP_TIMEOUT_S)
     except RuntimeError as exc:
+        if gateway is not None:
+            gateway.stop()
         process.stop()
         raise RwftError(f"{exc}\nIs port {port} in use? Choose another with federation.address=HOST:PORT.") from None
-    return process
+    return SuperLink(process, control_address, gateway)
+
+
+def control_address_of(run_dir: Path) -> tuple[str, Path | None] | None:
+    """The loopback address of the SuperLink ``run_dir``'s federation last started, and the CA
+    its TLS certificate is checked with (None: plain HTTP); None if it never started."""
+    file = run_dir / "superlink" / CONTROL_ADDRESS_FILE
+    if not file.is_file():
+        return None
+    entry = json.loads(file.read_text())
+    return str(entry["address"]), Path(entry["ca"]) if entry.get("ca") else None
 
 
 class FlowerCli:
-    """The ``flwr`` commands, against the SuperLink of ``run_dir`` at ``address``."""
+    """The ``flwr`` commands, against the SuperLink's Control API at ``control_address`` (loopback).
 
-    def __init__(self, run_dir: Path, address: str, certificates: FederationCertificates | None = None) -> None:
+    Constructing one writes nothing: the ``FLWR_HOME`` (``home``, default ``RUN_DIR/flower-home``)
+    with its one connection is written before the first command.
+    """
+
+    def __init__(self, run_dir: Path, control_address: str, ca: Path | None = None,
+                 *, home: Path | None = None) -> None:
         self.run_dir = run_dir
-        host, port = split_address(address)
-        flwr_home = run_dir / "flower-home"
-        flwr_home.mkdir(parents=True, exist_ok=True)
+        self.home = home or run_dir / "flower-home"
+        host, port = split_address(control_address)
         # The CLI connects locally even when the SuperLink serves every interface.
-        local = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        connection: dict[str, Any] = {"address": f"{local}:{port}"}
-        if certificates is None:
-            connection["insecure"] = True
+        local = LOOPBACK if host in ("0.0.0.0", "") else host
+        self._connection: dict[str, Any] = {"address": f"{local}:{port}"}
+        if ca is None:
+            self._connection["insecure"] = True
         else:
-            connection["root-certificates"] = str(certificates.ca)
-        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
-        (flwr_home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
-        self.env = flower_env(flwr_home)
+            self._connection["root-certificates"] = str(ca)
+        self.env = flower_env(self.home)
 
+    def _write_home(self) -> None:
+        config = {"superlink": {"default": CONNECTION, CONNECTION: self._connection}}
+        private_dir(self.home)
+        (self.home / "config.toml").write_bytes(tomli_w.dumps(config).encode())
     def nodes(self) -> list[dict[str, Any]]:
         """Every SuperNode the SuperLink knows: ``node-id``, ``status`` (online, offline, registered, ...)."""
         return list(self._json(["supernode", "list", CONNECTION, "--format", "json"])["nodes"])
@@ -124,6 +249,7 @@ class FlowerCli:
 
     def stream_logs(self, run_id: int) -> None:
         """Print the run's logs on this terminal until the run finishes."""
+        self._write_home()
         subprocess.call([self._flwr, "log", str(run_id), CONNECTION, "--stream"], env=self.env, cwd=self.run_dir)
 
     def run_status(self, run_id: int) -> str:
@@ -135,6 +261,7 @@ class FlowerCli:
         return str(Path(sys.executable).parent / "flwr")
 
     def _json(self, args: list[str]) -> dict[str, Any]:
+        self._write_home()
         done = subprocess.run([self._flwr, *args], env=self.env, cwd=self.run_dir, capture_output=True, text=True)
         try:
             answer = json.loads(done.stdout[done.stdout.index("{"):])

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from federation_helpers import Started, make_site_files, wait_for
+from federation_helpers import Started, join, make_site_files, wait_for
 
 from rwft.clients.cli import main
 from rwft.federation.processes import free_port
+from rwft.server.superlink import FlowerCli, start_superlink
 
 
 def test_an_empty_site_is_refused_before_anything_starts(tmp_path, capsys):
@@ -55,3 +57,64 @@ def test_sigterm_leaves_the_federation_and_stops_the_supernode(tmp_path, pneumon
     finally:
         client.stop()
     assert "every file is readable" in client.text() and "left the federation" in client.text()
+
+
+def _node_ids(client) -> list[str]:
+    return re.findall(r"joined the federation as node (\d+)", client.text())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_a_site_follows_its_federation_and_its_supernode_never_outlives_it(tmp_path, pneumoniamnist_npz):
+    """A new federation on the same address: the site says so and rejoins it with its real new
+    node id. A kill -9 of rwft-client alone (the OOM killer): its SuperNode exits too."""
+    data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0]
+    address = f"127.0.0.1:{free_port()}"
+    first = start_superlink(tmp_path / "run1", address)
+    second = None
+    client = join("hospitalA", address, data, tmp_path / "work")
+    try:
+        wait_for(lambda: _node_ids(client), 180, "the site to join the first federation")
+        first.stop()
+        second = start_superlink(tmp_path / "run2", address)
+        wait_for(lambda: len(_node_ids(client)) >= 2, 240, "the site to rejoin the new federation")
+        assert "no longer knows this site" in client.text(), client.text()[-3000:]
+        old_id, new_id = _node_ids(client)[:2]
+        online = FlowerCli(tmp_path / "run2", second.control_address).node_ids()
+        assert int(new_id) in online and new_id != old_id
+        supernode = _children(client.process.pid)[0]
+        os.kill(client.process.pid, signal.SIGKILL)  # only rwft-client, not its group
+        client.process.wait(30)
+        wait_for(lambda: not _running(supernode), 60, "the orphaned SuperNode to exit")
+        wait_for(lambda: not FlowerCli(tmp_path / "run2", second.control_address).node_ids(), 120,
+                 "the SuperLink to see the site gone")
+    finally:
+        client.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_flower_log_lines_rwft_client_reacts_to_are_those_the_installed_flower_writes():
+    """An upgrade of Flower that rewords one of these fails here, not in a hospital's night."""
+    import flwr
+    import httpx
+
+    from rwft.clients import cli
+
+    flower_source = "\n".join(path.read_text(errors="replace") for path in Path(flwr.__file__).parent.rglob("*.py"))
+    for text in (cli.JOINED, cli.RETRYING, cli.KEY_REFUSED, cli.NO_KEY):
+        assert text.replace("%s", "") in flower_source.replace("%.2f seconds", "").replace("%s", ""), text
+    assert "SuperNode ID: %s" in flower_source and "Connection attempt failed, retrying in %.2f" in flower_source
+    # A node the SuperLink does not know is answered 401, which httpx reports in these words.
+    response = httpx.Response(401, request=httpx.Request("POST", "http://x/v1/fleet/send-node-heartbeat"))
+    with pytest.raises(httpx.HTTPStatusError, match=cli.NEW_FEDERATION):
+        response.raise_for_status()
+    assert "UNAUTHORIZED" in (Path(flwr.__file__).parent / "supernode" / "fleet_http_connection.py").read_text()
