@@ -54,7 +54,8 @@ def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> Ru
         payload = _payload(cfg, splits, trainer.model, epoch=epoch, val=val)
         if is_best:
             best_so_far["auroc"] = val["auroc"]
-            save_checkpoint(run_dir / "best.pt", payload)
+            # best.pt holds the weights validation scored: the EMA when train.ema_decay > 0.
+            save_checkpoint(run_dir / "best.pt", _payload(cfg, splits, trainer.eval_model, epoch=epoch, val=val))
         # last.pt is written after best.pt: a crash in between resumes with best.pt current.
         save_checkpoint(last, payload | {"trainer": trainer.state_dict(), "best_auroc": best_so_far["auroc"]})
 
