@@ -76,7 +76,12 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rwft.core.run import evaluate
 
-    metrics = evaluate(args.checkpoint, list(args.overrides), split=args.split)
+    # argparse gives every positional to the greedy CHECKPOINT list: key=value items are overrides.
+    checkpoints = [item for item in args.checkpoint if "=" not in item]
+    overrides = [item for item in args.checkpoint if "=" in item] + list(args.overrides)
+    if not checkpoints:
+        raise RwftError("rwft evaluate needs at least one checkpoint, e.g. rwft evaluate RUN_DIR/best.pt.")
+    metrics = evaluate(checkpoints[0] if len(checkpoints) == 1 else checkpoints, overrides, split=args.split)
     _print_metrics(args.split, metrics)
     if args.output:
         from rwft.core.checkpoint import write_json
@@ -125,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint (default: test split)")
-    evaluate.add_argument("checkpoint", help="RUN_DIR/best.pt")
+    evaluate.add_argument("checkpoint", nargs="+",
+                          help="RUN_DIR/best.pt; several: their ensemble (softmax outputs averaged)")
     evaluate.add_argument("overrides", nargs="*", help="key=value, e.g. data.root=/other/site")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--output", help="also write the metrics as JSON here")

@@ -190,6 +190,22 @@ def _check_choices(cfg: DictConfig) -> None:
     if cfg.train.lp_epochs > 0 and cfg.model.mode != "full":
         raise ConfigError("train.lp_epochs (LP-FT) fine-tunes the whole model after the probe stage; "
                           "it needs model.mode=full.")
+    _check_recipe(cfg)
+
+
+def _check_recipe(cfg: DictConfig) -> None:
+    """The evaluation policy and augmentation ranges (training keys: ``recipe.check_train_config``)."""
+    from rwft.core.thresholds import parse_policy  # scikit-learn/scipy only when a config is checked
+
+    parse_policy(cfg.eval.threshold)
+    if cfg.eval.tta < 0:
+        raise ConfigError(f"eval.tta must be >= 0 (0 = off), got {cfg.eval.tta}.")
+    crop = cfg.data.augmentation.crop_scale
+    if crop is not None and not (len(crop) == 2 and 0.0 < crop[0] <= crop[1] <= 1.0):
+        raise ConfigError(f"data.augmentation.crop_scale must be [min, max] with 0 < min <= max <= 1 "
+                          f"(area fractions), got {list(crop)}.")
+    if not 0.0 <= cfg.data.augmentation.hflip <= 1.0:
+        raise ConfigError(f"data.augmentation.hflip is a probability in [0, 1], got {cfg.data.augmentation.hflip}.")
 
 
 def to_container(cfg: RwftConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ AUROC), ``metrics.json`` (test metrics with 95% bootstrap intervals) and ``tb/``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,17 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from rwft.core import testtime
 from rwft.core.checkpoint import load_checkpoint, save_checkpoint, write_json
 from rwft.core.config import RwftConfig, save_config, to_container, with_overrides
 from rwft.core.data import DatasetSplits, load_splits
-from rwft.core.engine import Trainer, fit, predict, seed_everything, select_device
+from rwft.core.engine import Trainer, fit, seed_everything, select_device
 from rwft.core.errors import RwftError
-from rwft.core.metrics import binary_metrics, pick_threshold, report
+from rwft.core.metrics import report
 from rwft.core.model import build_model
 from rwft.core.tblog import RunLogger
+from rwft.core.testtime import predict_ensemble, predict_tta
+from rwft.core.thresholds import Temperature, fit_decision
 
 
 @dataclass
@@ -79,7 +83,7 @@ def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> Ru
         metrics["best_epoch"] = best["epoch"]
         logger.hparams(to_container(cfg), {f"test/{k}": v["value"] for k, v in metrics["test"].items()
                                            if isinstance(v, dict)})
-    best["threshold"] = metrics["threshold"]
+    best |= {key: metrics[key] for key in ("threshold", "threshold_policy", "temperature")}
     save_checkpoint(best_file, best)
     write_json(run_dir / "metrics.json", metrics)
     return RunResult(run_dir, metrics)
@@ -92,16 +96,12 @@ def _payload(cfg: RwftConfig, splits: DatasetSplits, model: Any, *, epoch: int, 
 
 
 def _score(model: Any, splits: DatasetSplits, cfg: RwftConfig, device: Any, logger: RunLogger, step: int) -> dict:
-    """Threshold from validation, then test metrics with bootstrap intervals."""
-    val_probs = predict(model, splits.val, cfg, device)[:, 1]
-    threshold = pick_threshold(splits.val.labels, val_probs)
-    test_probs = predict(model, splits.test, cfg, device)[:, 1]
-    test = report(splits.test.labels, test_probs, threshold, resamples=cfg.train.bootstrap, seed=cfg.seed)
+    """Decision rule fitted on validation (``eval.*`` policy), then test metrics with bootstrap intervals."""
+    scored = testtime.score([model], splits, cfg, device)
+    test, threshold = scored.metrics["test"], scored.decision.threshold
     logger.scalars({k: v["value"] for k, v in test.items() if isinstance(v, dict)}, step, prefix="test")
-    logger.curves("test", splits.test.labels, test_probs, threshold, step)
-    return {"threshold": threshold,
-            "val": binary_metrics(splits.val.labels, val_probs, threshold),
-            "test": test, "source": splits.source}
+    logger.curves("test", splits.test.labels, scored.test_probs, threshold, step)
+    return scored.metrics | {"source": splits.source}
 
 
 def _require_binary(splits: DatasetSplits) -> None:
@@ -110,17 +110,45 @@ def _require_binary(splits: DatasetSplits) -> None:
                         f"{splits.source} has {splits.num_classes}: {', '.join(splits.class_names)}.")
 
 
-def evaluate(checkpoint_path: str, overrides: list[str], *, split: str = "test") -> dict[str, Any]:
-    """Score a saved checkpoint on a split of the data named in its config (or overrides)."""
-    payload = load_checkpoint(checkpoint_path)
-    cfg = with_overrides(OmegaConf.create(payload["config"]), overrides)  # type: ignore[arg-type]
+def evaluate(checkpoint_path: str | Sequence[str], overrides: list[str], *, split: str = "test") -> dict[str, Any]:
+    """Score a saved checkpoint, or an ensemble of several, on a split of the data named in
+    the (first) checkpoint's config (or overrides).
+
+    One checkpoint keeps the threshold (and temperature) chosen on validation when it was
+    trained. Several are averaged (softmax outputs) and their decision rule is fitted anew
+    by ``eval.threshold``/``eval.calibration`` on the validation split of the first
+    checkpoint's data config; members trained with other seeds may have trained on some of
+    those validation images (the carve depends on the seed), which can only bias the
+    threshold, never the test images.
+    """
+    paths = [checkpoint_path] if isinstance(checkpoint_path, str) else list(checkpoint_path)
+    payloads = [load_checkpoint(path) for path in paths]
+    cfg = with_overrides(OmegaConf.create(payloads[0]["config"]), overrides)  # type: ignore[arg-type]
     splits = load_splits(cfg)
-    model = build_model(cfg.model, len(payload["class_names"]))
-    model.load_state_dict(payload["model"])
+    models = []
+    for path, payload in zip(paths, payloads):
+        if payload["class_names"] != payloads[0]["class_names"]:
+            raise RwftError(f"{path} was trained on classes {payload['class_names']}, {paths[0]} on "
+                            f"{payloads[0]['class_names']}: an ensemble needs the same classes in the same order.")
+        member_cfg = with_overrides(OmegaConf.create(payload["config"]), overrides)  # type: ignore[arg-type]
+        model = build_model(member_cfg.model, len(payload["class_names"]))
+        model.load_state_dict(payload["model"])
+        models.append(model)
     chosen = getattr(splits, split)
-    probs = predict(model, chosen, cfg)[:, 1]
-    return report(chosen.labels, probs, float(payload.get("threshold", 0.5)),
-                  resamples=cfg.train.bootstrap, seed=cfg.seed) | {"split": split, "checkpoint": str(checkpoint_path)}
+    if len(models) == 1:
+        payload = payloads[0]
+        temperature = payload.get("temperature")
+        probs = predict_tta(models[0], chosen, cfg)[:, 1]
+        probs = Temperature(temperature).apply(probs) if temperature else probs
+        return report(chosen.labels, probs, float(payload.get("threshold", 0.5)),
+                      resamples=cfg.train.bootstrap, seed=cfg.seed) | {
+            "split": split, "checkpoint": str(checkpoint_path),
+            "threshold_policy": payload.get("threshold_policy", "youden"), "temperature": temperature}
+    val_probs = predict_ensemble(models, splits.val, cfg)[:, 1]
+    decision = fit_decision(cfg.eval.threshold, cfg.eval.calibration, splits.val.labels, val_probs)
+    probs = decision.calibrate(predict_ensemble(models, chosen, cfg)[:, 1])
+    return report(chosen.labels, probs, decision.threshold, resamples=cfg.train.bootstrap, seed=cfg.seed) | \
+        decision.describe() | {"split": split, "checkpoints": [str(p) for p in paths], "ensemble_size": len(models)}
 
 
 def summary_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
