@@ -26,7 +26,7 @@ from rwft.core.errors import RwftError
 from rwft.core.metrics import report
 from rwft.core.model import build_model
 from rwft.core.tblog import RunLogger
-from rwft.core.testtime import predict_ensemble, predict_tta
+from rwft.core.testtime import predict_ensemble, predict_tta, transductive_scores
 from rwft.core.thresholds import Temperature, fit_decision
 
 
@@ -115,15 +115,17 @@ def evaluate(checkpoint_path: str | Sequence[str], overrides: list[str], *, spli
     the (first) checkpoint's config (or overrides).
 
     One checkpoint keeps the threshold (and temperature) chosen on validation when it was
-    trained. Several are averaged (softmax outputs) and their decision rule is fitted anew
-    by ``eval.threshold``/``eval.calibration`` on the validation split of the first
-    checkpoint's data config; members trained with other seeds may have trained on some of
-    those validation images (the carve depends on the seed), which can only bias the
-    threshold, never the test images.
+    trained, unless the overrides change ``eval.*`` (policy, calibration, TTA): then, as for
+    several checkpoints (their softmax outputs averaged), the decision rule is fitted anew
+    on the validation split of the first checkpoint's data config. Members trained with
+    other seeds may have trained on some of those validation images (the carve depends on
+    the seed), which can only bias the threshold, never the test images. ``eval.adabn``
+    adds ``test_transductive`` when the split is test.
     """
     paths = [checkpoint_path] if isinstance(checkpoint_path, str) else list(checkpoint_path)
     payloads = [load_checkpoint(path) for path in paths]
-    cfg = with_overrides(OmegaConf.create(payloads[0]["config"]), overrides)  # type: ignore[arg-type]
+    stored = with_overrides(OmegaConf.create(payloads[0]["config"]), [])  # type: ignore[arg-type]
+    cfg = with_overrides(stored, overrides)
     splits = load_splits(cfg)
     models = []
     for path, payload in zip(paths, payloads):
@@ -135,7 +137,7 @@ def evaluate(checkpoint_path: str | Sequence[str], overrides: list[str], *, spli
         model.load_state_dict(payload["model"])
         models.append(model)
     chosen = getattr(splits, split)
-    if len(models) == 1:
+    if len(models) == 1 and cfg.eval == stored.eval:
         payload = payloads[0]
         temperature = payload.get("temperature")
         probs = predict_tta(models[0], chosen, cfg)[:, 1]
@@ -147,8 +149,12 @@ def evaluate(checkpoint_path: str | Sequence[str], overrides: list[str], *, spli
     val_probs = predict_ensemble(models, splits.val, cfg)[:, 1]
     decision = fit_decision(cfg.eval.threshold, cfg.eval.calibration, splits.val.labels, val_probs)
     probs = decision.calibrate(predict_ensemble(models, chosen, cfg)[:, 1])
-    return report(chosen.labels, probs, decision.threshold, resamples=cfg.train.bootstrap, seed=cfg.seed) | \
-        decision.describe() | {"split": split, "checkpoints": [str(p) for p in paths], "ensemble_size": len(models)}
+    result = report(chosen.labels, probs, decision.threshold, resamples=cfg.train.bootstrap, seed=cfg.seed) | \
+        decision.describe() | {"split": split, "checkpoints": [str(p) for p in paths], "ensemble_size": len(models),
+                               "tta": int(cfg.eval.tta)}
+    if cfg.eval.adabn and split == "test":
+        result["test_transductive"] = transductive_scores(models, splits, cfg)
+    return result
 
 
 def summary_table(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
