@@ -54,8 +54,11 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None,
         low, high = s.crop_scale
         side = uniform((high - low) / 2, centre=(low + high) / 2).clamp_(min=1e-3).sqrt_()
         scale = 1.0 / side
-        room = (1.0 - side).to(draw_device)  # how far the crop's centre may move, in grid units
-        shift_x, shift_y = uniform(room), uniform(room)
+        # How far the crop's centre may move, in grid units, so that it samples only inside the
+        # outermost pixel centres (at +-(1 - 1/side_in_pixels) with align_corners=False).
+        room = (1.0 - side).to(draw_device)
+        shift_x = uniform(room * (1 - 1 / x.shape[-1]))
+        shift_y = uniform(room * (1 - 1 / x.shape[-2]))
     else:
         scale = uniform((s.scale[1] - s.scale[0]) / 2, centre=sum(s.scale) / 2)
         # affine_grid's coordinates span [-1, 1]: one image side is 2 units.

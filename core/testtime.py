@@ -44,7 +44,7 @@ def augmented_copy(split: ImageSplit, cfg: RwftConfig, seed: int) -> ImageSplit:
     generator = torch.Generator().manual_seed(seed)
     views = []
     for start in range(0, len(split), AUGMENT_CHUNK):
-        x = torch.from_numpy(split.images[start:start + AUGMENT_CHUNK]).unsqueeze(1).float().div_(255.0)
+        x = torch.tensor(split.images[start:start + AUGMENT_CHUNK]).unsqueeze(1).float().div_(255.0)
         view = augment_batch(x, generator, cfg.data.augmentation)
         views.append(view.mul_(255.0).round_().squeeze(1).to(torch.uint8).numpy())
     images = np.concatenate(views) if views else split.images

@@ -214,3 +214,47 @@ def test_impossible_recipe_values_are_config_errors(override):
 def test_lp_ft_needs_a_full_model():
     with pytest.raises(ConfigError, match="model.mode=full"):
         _cfg("train.lp_epochs=1", "model.mode=probe")
+
+
+def _augment_settings(**changes):
+    still = {"data.augmentation.rotation": 0, "data.augmentation.scale": "[1.0,1.0]",
+             "data.augmentation.translate": 0, "data.augmentation.brightness": 0, "data.augmentation.contrast": 0}
+    still |= {f"data.augmentation.{k}": v for k, v in changes.items()}
+    return load_config(overrides=[f"{k}={v}" for k, v in still.items()]).data.augmentation
+
+
+def test_random_resized_crop_stays_inside_the_frame_unlike_the_default_zoom():
+    from rwft.core.augment import augment_batch
+
+    flat = torch.ones(64, 1, 32, 32)
+    cropped = augment_batch(flat, torch.Generator().manual_seed(0), _augment_settings(crop_scale="[0.5,0.9]"))
+    assert torch.allclose(cropped, flat)  # every crop lies inside the film: no black border
+    zoomed = augment_batch(flat, torch.Generator().manual_seed(0))  # default: zoom out to 0.9 and shift
+    assert (zoomed < 0.5).any()
+    # A crop of area a shows the centre magnified by 1/sqrt(a).
+    ramp = torch.linspace(0, 1, 64).expand(1, 1, 64, 64).contiguous()
+    half = augment_batch(ramp, torch.Generator().manual_seed(0), _augment_settings(crop_scale="[0.25,0.25]"))
+    slope = (half[0, 0, 32, 40] - half[0, 0, 32, 24]) / (ramp[0, 0, 32, 40] - ramp[0, 0, 32, 24])
+    assert float(slope) == pytest.approx(0.5, abs=0.02)
+
+
+def test_gamma_jitter_raises_each_image_to_its_own_power_within_the_range():
+    from rwft.core.augment import augment_batch
+
+    x = torch.linspace(0.05, 0.95, 16 * 16).view(1, 1, 16, 16).repeat(32, 1, 1, 1)
+    out = augment_batch(x, torch.Generator().manual_seed(0), _augment_settings(gamma=0.5))
+    exponent = (out.log() / x.log()).flatten(1)
+    assert torch.allclose(exponent, exponent[:, :1].expand_as(exponent), atol=1e-3)  # one gamma per image
+    gammas = exponent[:, 0]
+    assert gammas.min() >= 1 / 1.5 - 1e-4 and gammas.max() <= 1.5 + 1e-4 and gammas.std() > 0.05
+
+
+def test_flips_happen_only_when_asked_for():
+    from rwft.core.augment import augment_batch
+
+    ramp = (0.1 + 0.7 * torch.linspace(0.9, 0.2, 32)).expand(16, 1, 32, 32).contiguous()  # left side brighter
+    kept = augment_batch(ramp, torch.Generator().manual_seed(0), _augment_settings())
+    flipped = augment_batch(ramp, torch.Generator().manual_seed(0), _augment_settings(hflip=1.0))
+    assert torch.all(kept[..., :16].mean(dim=(1, 2, 3)) > kept[..., 16:].mean(dim=(1, 2, 3)))
+    assert torch.all(flipped[..., :16].mean(dim=(1, 2, 3)) < flipped[..., 16:].mean(dim=(1, 2, 3)))
+    assert load_config().data.augmentation.hflip == 0.0
