@@ -20,6 +20,8 @@ from rwft.core.model import build_model
 from rwft.core.run import evaluate, train
 from rwft.core.testtime import TTA_SEED_OFFSET, adapt_batchnorm, augmented_copy, predict_ensemble, predict_tta
 
+pytestmark = pytest.mark.integration
+
 QUICK = ["train.device=cpu", "data.image_size=28", "train.batch_size=64", "data.max_train_images=256",
          "train.lr=0.002", "train.bootstrap=50", "train.epochs=1"]
 
