@@ -54,18 +54,22 @@ def bare_loop(device: torch.device, image_size: int, batch_size: int, steps: int
 
 
 def rwft_engine(device: torch.device, image_size: int, batch_size: int, steps: int, precision: str,
-                augment: bool) -> float:
-    """Images per second of rwft's Trainer on uint8 grayscale images (adapter replicate)."""
+                augment: bool, overrides: tuple[str, ...] = ()) -> float:
+    """Images per second of rwft's Trainer on uint8 grayscale images (adapter replicate).
+
+    ``overrides`` (``--set``) switch on recipe ingredients, e.g. ``train.ema_decay=0.999``.
+    """
     cfg = load_config(overrides=[
         f"data.image_size={image_size}", f"train.batch_size={batch_size}", f"data.augment={augment}",
         f"train.precision={precision}", f"train.max_steps_per_epoch={steps}", "train.schedule=constant",
         "model.pretrained=false",  # same architecture; weights do not change the arithmetic
+        *overrides,
     ])
     model = build_model(cfg.model, num_classes=2)
     rng = np.random.default_rng(0)
     split = ImageSplit(rng.integers(0, 256, (batch_size * steps, image_size, image_size), dtype=np.uint8),
                        rng.integers(0, 2, batch_size * steps).astype(np.int64))
-    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=1_000, device=device)
+    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=1_000, device=device, train_labels=split.labels)
     trainer.train_epoch(split, epoch_seed=0)  # warm-up pass (allocator, cudnn autotune)
     _sync(device)
     start = time.perf_counter()
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe setting for both rwft loops (repeatable), e.g. train.ema_decay=0.999")
     parser.add_argument("--output")
     parser.add_argument("--profile", metavar="PATH",
                         help="also profile one rwft epoch with torch.profiler and write its op table to PATH")
@@ -138,17 +144,17 @@ def main() -> None:
         results["bare"].append(bare_loop(device, args.image_size, args.batch_size, args.steps, args.precision))
         peaks["bare"] = _peak_gpu_mib(device)
         results["rwft"].append(rwft_engine(device, args.image_size, args.batch_size, args.steps,
-                                           args.precision, augment=False))
+                                           args.precision, augment=False, overrides=tuple(args.overrides)))
         peaks["rwft"] = _peak_gpu_mib(device)
         results["rwft_augment"].append(rwft_engine(device, args.image_size, args.batch_size, args.steps,
-                                                   args.precision, augment=True))
+                                                   args.precision, augment=True, overrides=tuple(args.overrides)))
         peaks["rwft_augment"] = _peak_gpu_mib(device)
     median = {name: statistics.median(values) for name, values in results.items()}
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
         "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-        "repeats": args.repeats, "precision": args.precision,
+        "repeats": args.repeats, "precision": args.precision, "overrides": args.overrides,
         "images_per_s_median": {k: round(v, 1) for k, v in median.items()},
         "images_per_s_all": {k: [round(x, 1) for x in v] for k, v in results.items()},
         "ratio_rwft_vs_bare": round(median["rwft"] / median["bare"], 3),

@@ -76,12 +76,16 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rwft.core.run import evaluate
 
-    data = [item for item in args.arguments if "=" not in item]
+    # After CHECKPOINT: more .pt files (an ensemble), the data to score, key=value overrides.
+    overrides = [item for item in args.arguments if "=" in item]
+    members = [item for item in args.arguments if "=" not in item and item.endswith(CHECKPOINT_SUFFIXES)]
+    data = [item for item in args.arguments if "=" not in item and not item.endswith(CHECKPOINT_SUFFIXES)]
     if len(data) > 1:
         raise RwftError(f"rwft evaluate scores one data set at a time, got {', '.join(data)}: give one "
                         "folder or npz file (or data.root=...).")
-    overrides = [item for item in args.arguments if "=" in item]
-    metrics = evaluate(args.checkpoint, overrides, data=data[0] if data else None, split=args.split)
+    checkpoints = [args.checkpoint, *members]
+    metrics = evaluate(checkpoints[0] if len(checkpoints) == 1 else checkpoints, overrides,
+                       data=data[0] if data else None, split=args.split)
     _print_metrics(f"{metrics['split']} split", metrics)
     if args.output:
         from rwft.core.checkpoint import write_json
@@ -117,6 +121,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 BUILT_IN_COMMANDS = ("train", "evaluate", "plugins", "config")
 
 
@@ -131,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace the run already in output_dir (without it, such a folder is refused)")
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="score a checkpoint on its test split or on external data")
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint (or an ensemble) on its test split or on "
+                                               "external data")
     evaluate.add_argument("checkpoint", help="RUN_DIR/best.pt")
-    evaluate.add_argument("arguments", nargs="*", metavar="DATA | key=value",
-                          help="the data to score (a folder or .npz; default: the checkpoint's data), then "
-                               "key=value overrides, e.g. data.class_map.ABNORMAL=PNEUMONIA")
+    evaluate.add_argument("arguments", nargs="*", metavar="[MORE.pt ...] DATA | key=value",
+                          help="more checkpoints (.pt: their ensemble, softmax outputs averaged), the data to "
+                               "score (a folder or .npz; default: the checkpoint's data), then key=value "
+                               "overrides, e.g. data.class_map.ABNORMAL=PNEUMONIA")
     evaluate.add_argument("--split", choices=("all", "train", "val", "test"), default=None,
                           help="what to score: default 'all' for a folder of class folders (an external site), "
                                "else 'test'")

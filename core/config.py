@@ -38,6 +38,20 @@ class DicomConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Per-image training augmentation (``rwft.core.augment``); the defaults are rwft's original light warp."""
+
+    rotation: float = 7.0  # largest rotation, degrees either way
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # zoom factor range (>1 zooms in)
+    translate: float = 0.06  # largest shift, fraction of the image side
+    crop_scale: list[float] | None = None  # [min, max] area kept by a random resized crop; replaces scale/translate
+    brightness: float = 0.1  # intensity multiplied by a factor in [1 - b, 1 + b]
+    contrast: float = 0.1  # distance from the image mean scaled by a factor in [1 - c, 1 + c]
+    gamma: float = 0.0  # pixel ** g, g log-uniform in [1/(1 + gamma), 1 + gamma]; 0 = off
+    hflip: float = 0.0  # probability of a horizontal flip; 0 by default: a mirrored chest is not a real film
+
+
+@dataclass
 class DataConfig:
     dataset: str = "medmnist"  # medmnist | chest_xray | a plugin's dataset
     root: str | None = None  # file or folder; else $RWFT_DATA_DIR; else the dataset's downloader
@@ -52,6 +66,7 @@ class DataConfig:
     medmnist_size: int = 28  # medmnist without data.root: 28 = the copy shipped with rwft; 64/128/224 download (medmnist extra)
     labels_csv: str | None = None  # dicom: CSV of file,label for a flat PACS export (paths relative to data.root)
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)  # what data.augment=true does
 
 
 @dataclass
@@ -66,6 +81,14 @@ class TrainConfig:
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks
     num_threads: int | None = None  # torch CPU threads; None = torch's default
+    # The training recipe (rwft.core.recipe); every default keeps the plain AdamW loop.
+    lp_epochs: int = 0  # LP-FT: first train only the head for this many epochs (linear probe), then everything
+    ft_lr_scale: float = 0.1  # LP-FT: the full fine-tuning stage runs at lr * ft_lr_scale
+    layer_decay: float = 1.0  # layer-wise lr decay: a layer k below the head trains at lr * layer_decay**k; 1 = off
+    ema_decay: float = 0.0  # EMA of the weights (timm ModelEmaV3); validation and checkpoints use it; 0 = off
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    class_balance: str = "none"  # none | weights (class-weighted loss, sklearn "balanced") | sampler (balanced batches)
+    warmup_epochs: float = 0.0  # linear lr warm-up (cosine/constant); onecycle: its rising phase (default 15%)
 
 
 @dataclass
@@ -92,6 +115,16 @@ class FederationConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How validation turns into a decision and test numbers (``rwft.core.thresholds``, ``rwft.core.testtime``)."""
+
+    threshold: str = "youden"  # youden | sensitivity:T | specificity:T (target reached on validation)
+    calibration: str = "none"  # none | temperature (fitted on validation; reported probabilities calibrated)
+    tta: int = 0  # test-time augmentation: augmented views averaged with the plain image; 0 = off
+    adabn: bool = False  # also report test metrics with BatchNorm statistics re-estimated on the test images (transductive)
+
+
+@dataclass
 class RwftConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -99,12 +132,15 @@ class RwftConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     seed: int = 0
     output_dir: str = "runs/latest"  # the run directory
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES = {
     "model.mode": ("full", "probe"),
     "data.on_bad_file": ("error", "skip"),
-    "train.schedule": ("onecycle", "constant"),
+    "train.schedule": ("onecycle", "constant", "cosine"),
+    "train.class_balance": ("none", "weights", "sampler"),
+    "eval.calibration": ("none", "temperature"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dicom.windowing": ("auto", "none"),
 }
@@ -180,6 +216,25 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}.")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}.")
+    if cfg.train.lp_epochs > 0 and cfg.model.mode != "full":
+        raise ConfigError("train.lp_epochs (LP-FT) fine-tunes the whole model after the probe stage; "
+                          "it needs model.mode=full.")
+    _check_recipe(cfg)
+
+
+def _check_recipe(cfg: DictConfig) -> None:
+    """The evaluation policy and augmentation ranges (training keys: ``recipe.check_train_config``)."""
+    from rwft.core.thresholds import parse_policy  # scikit-learn/scipy only when a config is checked
+
+    parse_policy(cfg.eval.threshold)
+    if cfg.eval.tta < 0:
+        raise ConfigError(f"eval.tta must be >= 0 (0 = off), got {cfg.eval.tta}.")
+    crop = cfg.data.augmentation.crop_scale
+    if crop is not None and not (len(crop) == 2 and 0.0 < crop[0] <= crop[1] <= 1.0):
+        raise ConfigError(f"data.augmentation.crop_scale must be [min, max] with 0 < min <= max <= 1 "
+                          f"(area fractions), got {list(crop)}.")
+    if not 0.0 <= cfg.data.augmentation.hflip <= 1.0:
+        raise ConfigError(f"data.augmentation.hflip is a probability in [0, 1], got {cfg.data.augmentation.hflip}.")
 
 
 def to_container(cfg: RwftConfig) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from rwft.core.augment import augment_batch
-from rwft.core.config import DataConfig, RwftConfig
+from rwft.core.config import AugmentConfig, DataConfig, RwftConfig
 from rwft.core.errors import ConfigError, DataError, PluginError
 from rwft.core.plugins import Registries, call_factory, describe_registration, get_registries
 
@@ -284,12 +284,14 @@ def iterate_batches(
     augment: bool,
     generator: torch.Generator | None,
     device: torch.device,
+    augmentation: AugmentConfig | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``(x, y)``: x float32 ``(B, 1, H, W)`` in [0, 1] on ``device``, y int64 ``(B,)``.
 
     Every image appears once per pass; the last batch may be smaller. ``shuffle``
     draws the order from ``generator`` (a CPU generator; ``None`` uses torch's global
-    one), and ``augment`` applies ``augment_batch`` with the same generator, so a
+    one), and ``augment`` applies ``augment_batch`` (with ``augmentation``'s settings,
+    default ``data.augmentation``'s defaults) with the same generator, so a
     seeded generator makes a pass reproducible. The uint8 pixels are moved to the
     device before conversion: a quarter of the transfer, and on a GPU the conversion
     and the augmentation run there.
@@ -307,5 +309,5 @@ def iterate_batches(
         labels = labels.to(device, non_blocking=True)
         x = pixels.unsqueeze(1).float().div_(255.0)
         if augment:
-            x = augment_batch(x, generator)
+            x = augment_batch(x, generator, augmentation)
         yield x, labels

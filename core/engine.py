@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rwft.core import recipe
 from rwft.core.config import RwftConfig, TrainConfig
 from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
 from rwft.core.metrics import binary_metrics
-from rwft.core.model import trainable_parameters
 from rwft.core.tblog import RunLogger
 
 
@@ -118,25 +118,41 @@ class Trainer:
         device: torch.device | None = None,
         proximal_mu: float = 0.0,
         global_step: int = 0,
+        train_labels: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device or select_device(cfg.train)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.model = prepare_model(model, self.device)
-        self.parameters = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        total_steps = max(1, steps_per_epoch * epochs)
-        if cfg.train.schedule == "onecycle":
-            self.scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=cfg.train.lr, total_steps=total_steps, pct_start=0.15
-            )
-        else:
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        self.loss_fn = nn.CrossEntropyLoss()
+        # The recipe (rwft.core.recipe): optimiser, schedule and loss per stage, EMA, LP-FT.
+        self.steps_per_epoch, self.epochs, self.train_labels = steps_per_epoch, epochs, train_labels
+        self.stage = recipe.first_stage(cfg.train)
+        self._build_stage(epochs)
+        self.ema = recipe.build_ema(self.model, cfg.train)
         self.proximal_mu = proximal_mu
         self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
         self.global_step = global_step
+
+    def _build_stage(self, epochs: int) -> None:
+        if self.stage == recipe.PROBE or self.cfg.train.lp_epochs > 0:
+            recipe.set_stage(self.model, self.stage)
+        stage = recipe.build_optimisation(self.model, self.cfg.train, stage=self.stage, epochs=epochs,
+                                          steps_per_epoch=self.steps_per_epoch, train_labels=self.train_labels)
+        self.parameters, self.optimizer, self.scheduler = stage.parameters, stage.optimizer, stage.scheduler
+        self.loss_fn = stage.loss_fn.to(self.device)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """LP-FT: after ``train.lp_epochs`` probe epochs, unfreeze and rebuild the optimisation
+        for the remaining epochs at ``train.lr * train.ft_lr_scale``."""
+        if self.stage == recipe.PROBE and epoch >= self.cfg.train.lp_epochs:
+            self.stage = recipe.FULL
+            self._build_stage(max(1, self.epochs - self.cfg.train.lp_epochs))
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to validate and keep: the EMA when ``train.ema_decay > 0``, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def train_epoch(
         self,
@@ -150,9 +166,10 @@ class Trainer:
         """One pass over ``split``; returns the mean training loss."""
         train = self.cfg.train
         generator = torch.Generator().manual_seed(epoch_seed)
+        split = recipe.epoch_split(split, train, generator)
         batches: Iterator = iterate_batches(
             split, train.batch_size, shuffle=True, augment=self.cfg.data.augment,
-            generator=generator, device=self.device,
+            generator=generator, device=self.device, augmentation=self.cfg.data.augmentation,
         )
         limit = num_batches(split, train.batch_size)
         if train.max_steps_per_epoch:
@@ -207,15 +224,22 @@ class Trainer:
         # OneCycle refuses to step past its total; a capped epoch can end early.
         if self.scheduler.last_epoch + 1 < getattr(self.scheduler, "total_steps", math.inf):
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step + 1)
         self.global_step += 1
         return loss.detach()
 
     def state_dict(self) -> dict:
         """Optimiser, schedule, step counter and the global random states: all a resumed run needs."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_step": self.global_step, "rng": rng_state()}
+                "global_step": self.global_step, "rng": rng_state(), "stage": self.stage,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("stage", self.stage) != self.stage:  # resumed after LP-FT's switch
+            self.begin_epoch(self.cfg.train.lp_epochs)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])
@@ -266,17 +290,19 @@ def fit(
     steps = num_batches(splits.train, cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
-    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device, proximal_mu=proximal_mu)
+    trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device, proximal_mu=proximal_mu,
+                      train_labels=splits.train.labels)
     if resume.trainer is not None:
         trainer.load_state_dict(resume.trainer)
     first_step = trainer.global_step
     best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")
     for epoch in range(start_epoch, epochs):
+        trainer.begin_epoch(epoch)
         train_loss = trainer.train_epoch(
             splits.train, epoch_seed=cfg.seed * 1000 + epoch, logger=logger, progress=progress,
             description=f"epoch {epoch + 1}/{epochs}",
         )
-        val = evaluate_split(trainer.model, splits.val, cfg, device=trainer.device) if len(splits.val) else {}
+        val = evaluate_split(trainer.eval_model, splits.val, cfg, device=trainer.device) if len(splits.val) else {}
         val["train_loss"] = train_loss
         history.append(val)
         if logger is not None:
@@ -288,11 +314,13 @@ def fit(
             if is_best:
                 best_auroc = auroc
             if select_best:
-                best_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in trainer.eval_model.state_dict().items()}
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, trainer, val, is_best)
     if select_best and best_state is not None:
         trainer.model.load_state_dict(best_state)
+    elif trainer.ema is not None:  # the caller (a federated site, rwft train) keeps the EMA weights
+        trainer.model.load_state_dict(trainer.ema.module.state_dict())
     kept_val = history[best_epoch - start_epoch - 1] if select_best and history else (history[-1] if history else {})
     return FitResult(
         num_examples=min(len(splits.train), steps * cfg.train.batch_size),

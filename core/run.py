@@ -15,7 +15,7 @@ import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,18 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from rwft.core import testtime
 from rwft.core.checkpoint import load_checkpoint, save_checkpoint, write_json
 from rwft.core.classes import describe as describe_classes
 from rwft.core.config import RwftConfig, save_config, to_container, with_overrides
 from rwft.core.data import DatasetSplits, ImageSplit, dataset_for_path, load_splits, skipped_report
-from rwft.core.engine import ResumeState, Trainer, fit, predict, seed_everything, select_device
+from rwft.core.engine import ResumeState, Trainer, fit, seed_everything, select_device
 from rwft.core.errors import ConfigError, DataError, RwftError, WeightsError
-from rwft.core.metrics import binary_metrics, pick_threshold, report
+from rwft.core.metrics import report
 from rwft.core.model import build_model, check_model_names
 from rwft.core.tblog import RunLogger
+from rwft.core.testtime import predict_ensemble, predict_tta, transductive_scores
+from rwft.core.thresholds import Temperature, fit_decision
 
 # What makes a folder a run directory: any of these means it holds a run.
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "metrics.json", "skipped.json", "tb")
@@ -90,7 +93,8 @@ def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, pro
         payload = _payload(cfg, splits, trainer.model, epoch=epoch, val=val)
         if is_best:
             best_so_far["auroc"] = val["auroc"]
-            save_checkpoint(run_dir / "best.pt", payload)
+            # best.pt holds the weights validation scored: the EMA when train.ema_decay > 0.
+            save_checkpoint(run_dir / "best.pt", _payload(cfg, splits, trainer.eval_model, epoch=epoch, val=val))
         # last.pt is written after best.pt: a crash in between resumes with best.pt current.
         save_checkpoint(run_dir / "last.pt", payload | {"trainer": trainer.state_dict(),
                                                         "best_auroc": best_so_far["auroc"]})
@@ -114,7 +118,7 @@ def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, pro
         metrics["best_epoch"] = best["epoch"]
         logger.hparams(to_container(cfg), {f"test/{k}": v["value"] for k, v in metrics["test"].items()
                                            if isinstance(v, dict)})
-    best["threshold"] = metrics["threshold"]
+    best |= {key: metrics[key] for key in ("threshold", "threshold_policy", "temperature")}
     save_checkpoint(best_file, best)
     write_json(run_dir / "metrics.json", metrics)
     return RunResult(run_dir, metrics)
@@ -191,16 +195,12 @@ def _classes(class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
 
 
 def _score(model: Any, splits: DatasetSplits, cfg: RwftConfig, device: Any, logger: RunLogger, step: int) -> dict:
-    """Threshold from validation, then test metrics with bootstrap intervals."""
-    val_probs = predict(model, splits.val, cfg, device)[:, 1]
-    threshold = pick_threshold(splits.val.labels, val_probs)
-    test_probs = predict(model, splits.test, cfg, device)[:, 1]
-    test = report(splits.test.labels, test_probs, threshold, resamples=cfg.train.bootstrap, seed=cfg.seed)
+    """Decision rule fitted on validation (``eval.*`` policy), then test metrics with bootstrap intervals."""
+    scored = testtime.score([model], splits, cfg, device)
+    test, threshold = scored.metrics["test"], scored.decision.threshold
     logger.scalars({k: v["value"] for k, v in test.items() if isinstance(v, dict)}, step, prefix="test")
-    logger.curves("test", splits.test.labels, test_probs, threshold, step, class_names=splits.class_names)
-    return {"threshold": threshold,
-            "val": binary_metrics(splits.val.labels, val_probs, threshold),
-            "test": test, "source": splits.source, "classes": _classes(splits.class_names)}
+    logger.curves("test", splits.test.labels, scored.test_probs, threshold, step, class_names=splits.class_names)
+    return scored.metrics | {"source": splits.source, "classes": _classes(splits.class_names)}
 
 
 def _require_binary(splits: DatasetSplits) -> None:
@@ -212,9 +212,10 @@ def _require_binary(splits: DatasetSplits) -> None:
 SPLITS = ("all", "train", "val", "test")
 
 
-def evaluate(checkpoint_path: str, overrides: list[str], *, data: str | None = None,
+def evaluate(checkpoint_path: str | Sequence[str], overrides: list[str], *, data: str | None = None,
              split: str | None = None) -> dict[str, Any]:
-    """Score a saved checkpoint on data: ``data`` (a folder or file), else the data in its config.
+    """Score a saved checkpoint, or an ensemble of several, on data: ``data`` (a folder or
+    file), else the data in the (first) checkpoint's config.
 
     The model, its image size and normalisation, and its classes come from the
     checkpoint. The dataset type follows the data (an ``.npz`` is ``medmnist``, a folder
@@ -223,8 +224,18 @@ def evaluate(checkpoint_path: str, overrides: list[str], *, data: str | None = N
     ``all`` for a folder without train/val/test folders (an external site: every
     image), else ``test``. Overrides that would change the model or the image size are
     refused: the numbers would not describe this checkpoint.
+
+    One checkpoint keeps the threshold (and temperature) chosen on validation when it was
+    trained, unless the overrides change ``eval.*`` (policy, calibration, TTA): then, as for
+    several checkpoints (their softmax outputs averaged), the decision rule is fitted anew
+    on the validation split of the data scored, which therefore cannot be ``--split all``.
+    Members trained with other seeds may have trained on some of those validation images
+    (the carve depends on the seed), which can only bias the threshold, never the test
+    images. ``eval.adabn`` adds ``test_transductive`` when the split is test.
     """
-    payload = load_checkpoint(checkpoint_path)
+    paths = [checkpoint_path] if isinstance(checkpoint_path, str) else list(checkpoint_path)
+    payloads = [load_checkpoint(path) for path in paths]
+    payload = payloads[0]
     config = copy.deepcopy(payload["config"])
     # The classes come from the checkpoint; how the training data's folders were named or
     # subsampled says nothing about the data scored now.
@@ -243,32 +254,65 @@ def evaluate(checkpoint_path: str, overrides: list[str], *, data: str | None = N
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} differs from the checkpoint's "
                               f"{key}={OmegaConf.select(saved, key)}: a checkpoint is scored as it was trained. "
                               f"Drop the {key} override.")
+    class_names = list(payload["class_names"])
+    for path, member in zip(paths[1:], payloads[1:], strict=True):
+        if list(member["class_names"]) != class_names:
+            raise RwftError(f"{path} was trained on classes {member['class_names']}, {paths[0]} on "
+                            f"{class_names}: an ensemble needs the same classes in the same order.")
+        if member["config"]["data"]["image_size"] != cfg.data.image_size:
+            raise RwftError(f"{path} was trained at {member['config']['data']['image_size']} px, {paths[0]} at "
+                            f"{cfg.data.image_size} px: an ensemble scores one image size; use members trained "
+                            "at the same data.image_size.")
+    refit = len(paths) > 1 or cfg.eval != saved.eval
     if split is None:
         split = "all" if root is not None and _is_single_site_folder(Path(root)) else "test"
     if split not in SPLITS:
         raise ConfigError(f"--split {split} is not one of {', '.join(SPLITS)}.")
-    class_names = list(payload["class_names"])
+    if refit and split == "all":
+        raise ConfigError("an ensemble, or changed eval.* settings, fit the decision threshold on validation "
+                          "images, and --split all scores those too: score data with a validation split "
+                          "(--split test), or one checkpoint with its stored threshold.")
     splits = load_splits(cfg, class_order=class_names)
     chosen = _concatenated(splits) if split == "all" else getattr(splits, split)
     if not len(chosen):
         raise DataError(f"the {split} split of {splits.source} holds no images: choose another --split.")
-    say(f"scoring {len(chosen)} images ({split}) of {splits.source} with {checkpoint_path}; "
+    say(f"scoring {len(chosen)} images ({split}) of {splits.source} with {', '.join(map(str, paths))}; "
         + describe_classes(class_names))
     missing = [name for name, count in zip(class_names, chosen.class_counts(len(class_names))) if not count]
     if missing:
         say(f"warning: no images of class {', '.join(missing)}: AUROC is undefined; sensitivity or specificity "
             "alone are reported.")
-    model = build_model(cfg.model, len(class_names), image_size=cfg.data.image_size)
+    models = [_load_member(path, member, cfg) for path, member in zip(paths, payloads, strict=True)]
+    identity = {"split": split, "data": splits.source, "classes": _classes(class_names)}
+    if not refit:
+        temperature = payload.get("temperature")
+        probs = predict_tta(models[0], chosen, cfg)[:, 1]
+        probs = Temperature(temperature).apply(probs) if temperature else probs
+        return report(chosen.labels, probs, float(payload.get("threshold", 0.5)),
+                      resamples=cfg.train.bootstrap, seed=cfg.seed) | identity | {
+            "checkpoint": str(paths[0]), "threshold_policy": payload.get("threshold_policy", "youden"),
+            "temperature": temperature}
+    val_probs = predict_ensemble(models, splits.val, cfg)[:, 1]
+    decision = fit_decision(cfg.eval.threshold, cfg.eval.calibration, splits.val.labels, val_probs)
+    probs = decision.calibrate(predict_ensemble(models, chosen, cfg)[:, 1])
+    result = report(chosen.labels, probs, decision.threshold, resamples=cfg.train.bootstrap, seed=cfg.seed) | \
+        decision.describe() | identity | {"checkpoints": [str(p) for p in paths], "ensemble_size": len(models),
+                                          "tta": int(cfg.eval.tta)}
+    if cfg.eval.adabn and split == "test":
+        result["test_transductive"] = transductive_scores(models, splits, cfg)
+    return result
+
+
+def _load_member(path: str, payload: dict[str, Any], cfg: RwftConfig) -> Any:
+    """The model a checkpoint describes (its own ``model.*`` config), with its weights."""
+    member_cfg = with_overrides(OmegaConf.create(payload["config"]), [])  # type: ignore[arg-type]
+    model = build_model(member_cfg.model, len(payload["class_names"]), image_size=cfg.data.image_size)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
-        raise WeightsError(f"{checkpoint_path} does not fit the model its config describes: "
+        raise WeightsError(f"{path} does not fit the model its config describes: "
                            f"{str(exc).splitlines()[0]}") from None
-    probs = predict(model, chosen, cfg)[:, 1]
-    return report(chosen.labels, probs, float(payload.get("threshold", 0.5)),
-                  resamples=cfg.train.bootstrap, seed=cfg.seed) | {
-        "split": split, "checkpoint": str(checkpoint_path), "data": splits.source,
-        "classes": _classes(class_names)}
+    return model
 
 
 def _override_keys(overrides: list[str]) -> set[str]:
