@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +90,7 @@ class Trainer:
         device: torch.device | None = None,
         proximal_mu: float = 0.0,
         global_step: int = 0,
+        loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
     ) -> None:
         self.cfg = cfg
         self.device = device or select_device(cfg.train)
@@ -109,6 +110,7 @@ class Trainer:
         self.proximal_mu = proximal_mu
         self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
         self.global_step = global_step
+        self.loss_terms = list(loss_terms)  # added to every step's loss (rwft.core.site_algorithm)
 
     def train_epoch(
         self,
@@ -173,6 +175,8 @@ class Trainer:
         if self.proximal_mu > 0:
             drift = sum(torch.sum((p - a) ** 2) for p, a in zip(self.parameters, self.anchor))
             loss = loss + 0.5 * self.proximal_mu * drift
+        for term in self.loss_terms:
+            loss = loss + term()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -211,6 +215,7 @@ def fit(
     trainer_state: dict | None = None,
     on_epoch_end: EpochCallback | None = None,
     best_auroc: float = -math.inf,
+    loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
 ) -> FitResult:
     """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
 
@@ -223,7 +228,7 @@ def fit(
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device,
-                      proximal_mu=proximal_mu, global_step=global_step)
+                      proximal_mu=proximal_mu, global_step=global_step, loss_terms=loss_terms)
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
     best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")

@@ -21,8 +21,10 @@ from rwft.core.config import RwftConfig, save_config, to_container, with_overrid
 from rwft.core.data import DatasetSplits, load_splits
 from rwft.core.engine import Trainer, fit, predict, seed_everything, select_device
 from rwft.core.errors import RwftError
-from rwft.core.metrics import binary_metrics, pick_threshold, report
+from rwft.core.metrics import report
 from rwft.core.model import build_model
+from rwft.core.model_file import model_payload
+from rwft.core.scoring import final_score
 from rwft.core.tblog import RunLogger
 
 
@@ -85,22 +87,15 @@ def train(cfg: RwftConfig, *, resume: bool = False, progress: bool = True) -> Ru
 
 
 def _payload(cfg: RwftConfig, splits: DatasetSplits, model: Any, *, epoch: int, val: dict[str, float]) -> dict:
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": to_container(cfg), "class_names": list(splits.class_names),
-            "epoch": epoch, "val": val, "threshold": 0.5}
+    return model_payload(cfg, model, splits.class_names, epoch=epoch, val=val)
 
 
 def _score(model: Any, splits: DatasetSplits, cfg: RwftConfig, device: Any, logger: RunLogger, step: int) -> dict:
     """Threshold from validation, then test metrics with bootstrap intervals."""
-    val_probs = predict(model, splits.val, cfg, device)[:, 1]
-    threshold = pick_threshold(splits.val.labels, val_probs)
-    test_probs = predict(model, splits.test, cfg, device)[:, 1]
-    test = report(splits.test.labels, test_probs, threshold, resamples=cfg.train.bootstrap, seed=cfg.seed)
-    logger.scalars({k: v["value"] for k, v in test.items() if isinstance(v, dict)}, step, prefix="test")
-    logger.curves("test", splits.test.labels, test_probs, threshold, step)
-    return {"threshold": threshold,
-            "val": binary_metrics(splits.val.labels, val_probs, threshold),
-            "test": test, "source": splits.source}
+    final = final_score(model, splits, cfg, device)
+    logger.scalars(final.test_values(), step, prefix="test")
+    logger.curves("test", splits.test.labels, final.test_probs, final.threshold, step)
+    return final.report
 
 
 def _require_binary(splits: DatasetSplits) -> None:

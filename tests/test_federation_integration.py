@@ -70,7 +70,7 @@ def test_central_tensorboard_shows_the_whole_federation(federation):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("global/auroc", "global/accuracy", "global/sensitivity", "global/specificity",
-                "federation/participating_sites", "site/hospitalA/train/loss", "site/hospitalB/val/auroc",
+                "federation/participating_sites", "site/hospitalA/train/loss", "site/hospitalB/global_val/auroc",
                 "site/hospitalA/local_val/auroc", "site/hospitalB/update_l2"):
         assert tag in tags, sorted(tags)
     assert [e.step for e in events.Scalars("global/auroc")] == [0, 1, 2, 3]
