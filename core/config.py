@@ -77,6 +77,7 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long
     sites: int = 3  # rwft simulate: how many hospitals to simulate
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
+    feddyn_alpha: float = 0.01  # FedDyn's regularisation weight (used by strategy=feddyn)
 
 
 @dataclass
