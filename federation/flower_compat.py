@@ -6,8 +6,9 @@ as an ``Adjustment`` that is applied only when the installed Flower is the serie
 was tested with (``TESTED_SERIES``) and every function it touches still has the
 parameters rwft relies on (``inspect.signature``). On drift rwft prints which adjustment
 is off and what that costs, and keeps working, slower, instead of crashing at the first
-message (``gate``). ``RWFT_FLOWER_ADJUSTMENTS=off`` turns them all off: how
-``benchmarks/federated_overhead.py`` measures what they buy (``benchmarks/RESULTS.md``).
+message (``gate``). ``RWFT_FLOWER_ADJUSTMENTS=off`` turns them all off, a comma-separated
+list of keys (``supernode-waits,grid-waits``) only those: how
+``benchmarks/federated_overhead.py`` measures what each buys (``benchmarks/RESULTS.md``).
 
 **Waits** (``SUPERNODE_WAITS``, ``GRID_WAITS``). Flower waits on purpose, sized for slow
 links and many nodes:
@@ -57,24 +58,25 @@ from typing import Any
 POLL_S = 0.2  # an idle SuperNode polling at this rate costs about 5% of one core
 PULL_BACKOFF = {"initial_backoff": 0.02, "backoff_cap": POLL_S}
 TESTED_SERIES = "1.42."  # the Flower releases these adjustments were written and tested against
-SWITCH = "RWFT_FLOWER_ADJUSTMENTS"  # "off": run Flower exactly as released
+SWITCH = "RWFT_FLOWER_ADJUSTMENTS"  # "off": run Flower exactly as released; or keys of adjustments to leave off
 
 
 @dataclass(frozen=True)
 class Adjustment:
+    key: str  # its name in RWFT_FLOWER_ADJUSTMENTS
     name: str  # what rwft changes
     lost: str  # what the federation loses when it cannot
 
 
-SUPERNODE_WAITS = Adjustment("the SuperNode's capped waits",
+SUPERNODE_WAITS = Adjustment("supernode-waits", "the SuperNode's capped waits",
                              "an idle SuperNode polls every 3 s and retries downloads after up to 10 s, so each "
                              "round takes seconds longer")
-STRAY_REPLY = Adjustment("the SuperNode's push of a waiting reply",
+STRAY_REPLY = Adjustment("stray-reply", "the SuperNode's push of a waiting reply",
                          "after a server crash a site may answer the resumed federation with a stale reply and "
                          "stall; restart such sites (`rwft-client join`) if a resumed round does not finish")
-GRID_WAITS = Adjustment("the ServerApp's capped download waits",
+GRID_WAITS = Adjustment("grid-waits", "the ServerApp's capped download waits",
                         "the server collects each reply up to 10 s later, so each round takes seconds longer")
-WARM_WORKER = Adjustment("the warm ClientApp worker",
+WARM_WORKER = Adjustment("warm-worker", "the warm ClientApp worker",
                          "every message starts a new ClientApp process that imports torch and loads the site's "
                          "data again (Flower's stock path), so each round takes seconds longer")
 
@@ -112,8 +114,9 @@ def gate(adjustment: Adjustment, checks: Iterable[tuple[str, Any, Iterable[str]]
     ``checks`` are ``(what, function, parameter names)`` triples (``signature_problem``).
     """
     problems = []
-    if os.environ.get(SWITCH, "").lower() == "off":
-        problems.append(f"{SWITCH}=off")
+    switched_off = {key.strip().lower() for key in os.environ.get(SWITCH, "").split(",")}
+    if switched_off & {"off", adjustment.key}:
+        problems.append(f"{SWITCH}={os.environ[SWITCH]}")
     version = version or flower_version()
     if not version.startswith(TESTED_SERIES):
         problems.append(f"Flower {version} is not the {TESTED_SERIES}* series rwft was tested with")
