@@ -149,3 +149,15 @@ def test_evaluate_scores_the_global_model_on_the_sites_validation_split(run_conf
     assert metrics["num-examples"] == metrics["val-num-examples"] == len(site.splits.val)
     assert 0.0 <= metrics["global_val/auroc"] <= 1.0
     assert "arrays" not in reply.content
+
+
+def test_a_site_evicted_from_the_cache_closes_its_tensorboard_writer(run_config, monkeypatch):
+    import rwft.clients.site as site_module
+
+    monkeypatch.setattr(site_module, "CACHED_SITES", 1)
+    rc = run_config()
+    first = site_for(Context(1, 9, {"partition-id": 0, "num-partitions": 2}, RecordDict(), rc))
+    writer = first.logger().writer
+    assert writer.file_writer is not None
+    site_for(Context(1, 9, {"partition-id": 1, "num-partitions": 2}, RecordDict(), rc))  # evicts the first
+    assert writer.file_writer is None  # SummaryWriter.close() ran: its event file is flushed and closed

@@ -105,3 +105,18 @@ def test_a_resumed_federation_continues_after_its_last_round(tmp_path, pneumonia
     # Round 2 started from round 1's committed global weights.
     sent = next(m for m in grid.instructions if m.metadata.message_type == "train")
     np.testing.assert_array_equal(sent.content["arrays"]["weights"].numpy(), after_one.arrays["weights"])
+
+
+def test_building_a_federation_has_no_side_effects(tmp_path, pneumoniamnist_npz):
+    import torch
+
+    from rwft.server.app import Federation, make_strategy
+
+    cfg = load_config(None, [*TINY, f"data.root={pneumoniamnist_npz}", f"output_dir={tmp_path / 'run'}"])
+    rng = torch.random.get_rng_state()
+    federation = Federation(cfg, 2, make_strategy(cfg))
+    assert not (tmp_path / "run").exists()  # no TensorBoard writer, no file
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no global seeding
+    assert federation.holdout is None  # no data loaded
+    with federation.open():
+        assert (tmp_path / "run" / "tb").is_dir() and federation.holdout is not None
