@@ -50,7 +50,7 @@ def test_three_rounds_improve_the_global_model(federation):
         assert set(record["sites"]) == {"hospitalA", "hospitalB"}
         for site in record["sites"].values():
             assert site["update_l2"] > 0 and site["train"]["num-examples"] > 0
-            assert 0.0 <= site["val"]["auroc"] <= 1.0  # the round's global model on the site's validation split
+            assert 0.0 <= site["global_val"]["auroc"] <= 1.0  # the round's global model on the site's validation split
     assert "final" in metrics and 0.5 < metrics["final"]["test"]["auroc"]["value"] <= 1.0
     assert "rwft-server: done." in log and str(work / "run" / "model.pt") in log
 
