@@ -17,6 +17,11 @@ rounds 2..R.
 
     .venv/bin/python benchmarks/federated_overhead.py --sites 3 --rounds 5
     .venv/bin/python benchmarks/federated_overhead.py --sites 3 --rounds 4 --isolation subprocess
+    .venv/bin/python benchmarks/federated_overhead.py --sites 2 --rounds 3 --skip-local --flower-adjustments-off off
+
+``--flower-adjustments-off KEYS`` runs the federation with those of rwft's adjustments to
+Flower left off (``off``: all; keys as in ``rwft.federation.flower_compat``), to measure
+what each buys; ``--skip-local`` leaves out the in-process run.
 
 Prints one JSON object (also written to ``--output``).
 """
@@ -52,7 +57,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
     parser.add_argument("--port", type=int, default=19092)
     parser.add_argument("--output", help="also write the JSON here")
+    parser.add_argument("--skip-local", action="store_true", help="only the federated run")
+    parser.add_argument("--flower-adjustments-off", default="", metavar="KEYS",
+                        help="RWFT_FLOWER_ADJUSTMENTS for the federation's processes (off = all)")
     args = parser.parse_args()
+    if args.flower_adjustments_off:
+        os.environ["RWFT_FLOWER_ADJUSTMENTS"] = args.flower_adjustments_off
 
     with tempfile.TemporaryDirectory(prefix="rwft-fed-bench-") as tmp:
         work = Path(tmp)
@@ -62,20 +72,21 @@ def main() -> None:
                      f"train.batch_size={args.batch_size}", f"train.max_steps_per_epoch={args.steps}",
                      f"federation.rounds={args.rounds}", f"federation.min_sites={args.sites}",
                      "federation.server_eval=false", "train.device=cpu"]
-        local = round_times(run_local(overrides, sites, work / "local"))
+        local = None if args.skip_local else round_times(run_local(overrides, sites, work / "local"))
         federated = round_times(run_federated(overrides, sites, work / "federated", args))
 
-    steady_local, steady_fed = local["steady"], federated["steady"]
     result = {
         "benchmark": "federated_overhead",
         "sites": args.sites, "rounds": args.rounds, "isolation": args.isolation,
+        "flower_adjustments_off": args.flower_adjustments_off or None,
         "image_size": args.image_size, "batch_size": args.batch_size, "steps_per_round": args.steps,
         "threads_per_site": args.threads_per_site, "cpus": os.cpu_count(), "machine": platform.platform(),
-        "local_round_s": local, "federated_round_s": federated,
-        "overhead_per_round_s": round(steady_fed - steady_local, 2),
-        "ratio": round(steady_fed / steady_local, 2),
-        "first_round_overhead_s": round(federated["first"] - local["first"], 2),
+        "load_average": os.getloadavg()[0], "local_round_s": local, "federated_round_s": federated,
     }
+    if local is not None:
+        result |= {"overhead_per_round_s": round(federated["steady"] - local["steady"], 2),
+                   "ratio": round(federated["steady"] / local["steady"], 2),
+                   "first_round_overhead_s": round(federated["first"] - local["first"], 2)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -3,9 +3,11 @@
 ``train``: load the global weights, score them on the site's validation split (the
 previous round's global model, see ``rwft.server.rounds``), fine-tune
 ``federation.local_epochs`` on the site's train split with the shared engine
-(``rwft.core.engine.fit``), reply with the weights that travel, the example counts and
-scalar metrics. ``evaluate``: score the global model on the site's validation split
-(after the last round).
+(``rwft.core.engine.fit``) as the strategy's site half says (``rwft.core.site_algorithm``:
+FedProx's proximal term, FedDyn's regulariser), reply with the weights that travel, the
+example counts and the scores. ``evaluate``: score the global model on the site's
+validation split (after the last round). The messages and the names of the scores are
+``rwft.federation.protocol``'s.
 
 What leaves the site, and nothing else (``tests/test_privacy.py`` checks every reply):
 
@@ -22,26 +24,31 @@ own TensorBoard log and the text of its errors (the server learns only an error'
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from rwft.clients.site import Site, site_for
-from rwft.core.config import with_overrides
-from rwft.core.data import ImageSplit
-from rwft.core.engine import evaluate_split, fit
+from rwft.core.config import RwftConfig, with_overrides
+from rwft.core.engine import FitResult, evaluate_split, fit
 from rwft.core.model import RwftModel
-from rwft.federation.protocol import RECEIVED_PREFIX, shared_arrays
+from rwft.core.plugins import get_registries
+from rwft.core.site_algorithm import SiteAlgorithm, site_algorithm_for
+from rwft.federation.protocol import (
+    GLOBAL_VAL,
+    LOCAL_VAL,
+    TRAIN,
+    EvaluateReply,
+    Instruction,
+    TrainReply,
+    scores_of,
+    shared_arrays,
+)
 
 app = ClientApp()
-
-# Every reply carries the same metric keys (Flower refuses to average mismatched records).
-VAL_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "precision", "f1", "loss")
 
 
 class SiteError(RuntimeError):
@@ -64,62 +71,65 @@ def _errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callab
 @_errors_stay_local
 def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    config = msg.content.config_records["config"]
-    server_round = int(_number(config, "server-round", 0))
-    model = site.model_for_round(context, msg.content.array_records["arrays"])
+    instruction = Instruction.from_record(msg.content)
+    model = site.model_for_round(context, instruction.arrays)
     # The model as received is the previous round's global model: score it first, so that
     # the server needs no separate evaluation exchange per round (rwft.server.rounds).
-    received = _val_metrics(_score(model, site.splits.val, site))
-    site.logger().scalars(received, server_round - 1, prefix="global_val")
+    global_val = scores_of(_score(model, site))
+    result = train_locally(site, context, model, instruction)
+    reply = TrainReply(site.label, shared_arrays(model, site.cfg.federation.local_bn), result.num_examples,
+                       len(site.splits.val), {"loss": result.train_loss, "steps": float(result.steps)},
+                       global_val, scores_of(result.val))
+    _log_round(site, instruction.server_round, reply)
+    return Message(content=reply.to_record(), reply_to=msg)
+
+
+def train_locally(site: Site, context: Context, model: RwftModel, instruction: Instruction) -> FitResult:
+    """Fine-tune ``model`` (the global weights just loaded) on the site's train split, as the strategy says."""
+    algorithm = _site_algorithm(site.cfg)
+    algorithm.start(model, instruction.config, site.strategy_state(context))
     # fit draws each epoch's shuffle and augmentation from the seed: a new one every round.
-    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + server_round}"])
+    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + instruction.server_round}"])
     result = fit(model, site.splits, round_cfg, epochs=site.cfg.federation.local_epochs, device=site.device,
-                 proximal_mu=_number(config, "proximal-mu", 0.0))
+                 loss_terms=algorithm.loss_terms())
     site.keep_local_weights(context)
-    val = _val_metrics(result.val)
-    site.logger().scalars({"loss": result.train_loss}, server_round, prefix="train")
-    site.logger().scalars(val, server_round, prefix="local_val")
-    site.logger().flush()
-    print(f"rwft site {site.label}: round {server_round}: trained on {result.num_examples} images, loss "
-          f"{result.train_loss:.3f}, local val AUROC {val['auroc']:.3f}", flush=True)
-    metrics: dict[str, Any] = {"num-examples": result.num_examples, "train-loss": result.train_loss,
-                               "steps": result.steps, f"{RECEIVED_PREFIX}num-examples": len(site.splits.val)}
-    metrics |= {f"val-{name}": value for name, value in val.items()}
-    metrics |= {f"{RECEIVED_PREFIX}{name}": value for name, value in received.items()}
-    return _reply(msg, site, MetricRecord(metrics), shared_arrays(model, site.cfg.federation.local_bn))
+    site.keep_strategy_state(context, algorithm.finish(model))
+    return result
 
 
 @app.evaluate()
 @_errors_stay_local
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
-    server_round = int(_number(msg.content.config_records["config"], "server-round", 0))
-    model = site.model_for_round(context, msg.content.array_records["arrays"])
-    val = _val_metrics(_score(model, site.splits.val, site))
-    site.logger().scalars(val, server_round, prefix="global_val")
+    instruction = Instruction.from_record(msg.content)
+    model = site.model_for_round(context, instruction.arrays)
+    reply = EvaluateReply(site.label, len(site.splits.val), scores_of(_score(model, site)))
+    site.logger().scalars(reply.global_val, instruction.server_round, prefix=GLOBAL_VAL)
     site.logger().flush()
-    metrics: dict[str, Any] = {"num-examples": len(site.splits.val)} | val
-    return _reply(msg, site, MetricRecord(metrics))
+    return Message(content=reply.to_record(), reply_to=msg)
 
 
-def _number(config: ConfigRecord, key: str, default: float) -> float:
-    """A number the server sent in the round's config (Flower's ``server-round``, FedProx's ``proximal-mu``)."""
-    value = config.get(key, default)
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"the server sent {key}={value!r}, not a number")
-    return float(value)
+def _site_algorithm(cfg: RwftConfig) -> SiteAlgorithm:
+    """The site half of the federation's strategy, from the strategy plugins installed here."""
+    strategies = get_registries().strategies
+    if cfg.federation.strategy not in strategies.names():
+        print(f"rwft: strategy {cfg.federation.strategy!r} is not installed at this site: its sites train as "
+              "FedAvg's do (right for a strategy that only aggregates differently; otherwise install its "
+              "plugin here)", file=sys.stderr, flush=True)
+        return SiteAlgorithm(cfg)
+    return site_algorithm_for(strategies.get(cfg.federation.strategy).factory, cfg)
 
 
-def _score(model: RwftModel, split: ImageSplit, site: Site) -> dict[str, float]:
-    return evaluate_split(model, split, site.cfg, device=site.device) if len(split) else {}
+def _score(model: RwftModel, site: Site) -> dict[str, float]:
+    return evaluate_split(model, site.splits.val, site.cfg, device=site.device) if len(site.splits.val) else {}
 
 
-def _val_metrics(scores: dict[str, float]) -> dict[str, float]:
-    return {name: float(scores.get(name, math.nan)) for name in VAL_METRICS}
-
-
-def _reply(msg: Message, site: Site, metrics: MetricRecord, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": metrics, "site": ConfigRecord({"label": site.label})})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
+def _log_round(site: Site, server_round: int, reply: TrainReply) -> None:
+    """The site's own TensorBoard log and terminal line (the same scopes as the server's view)."""
+    logger = site.logger()
+    logger.scalars(reply.global_val, server_round - 1, prefix=GLOBAL_VAL)  # the model of the round before
+    logger.scalars({"loss": reply.train["loss"]}, server_round, prefix=TRAIN)
+    logger.scalars(reply.local_val, server_round, prefix=LOCAL_VAL)
+    logger.flush()
+    print(f"rwft site {site.label}: round {server_round}: trained on {reply.num_examples} images, loss "
+          f"{reply.train['loss']:.3f}, local val AUROC {reply.local_val['auroc']:.3f}", flush=True)

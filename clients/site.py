@@ -17,15 +17,17 @@ Sites are cached per process, keyed by everything that determines them: the warm
 process, so a round starts without loading data or building a model. The model is reset
 to its freshly built weights before each message, so nothing carries over between rounds
 or runs except what a site keeps on purpose: with ``federation.local_bn`` its BatchNorm
-layers, held in the node's Flower state and, so that a resumed federation finds them
-again, in ``work-dir``.
+layers, and whatever the strategy's site half keeps between rounds
+(``rwft.core.site_algorithm``, FedDyn's gradient correction), each held in the node's
+Flower state and, so that a resumed federation finds it again, in ``work-dir``. A site
+evicted from the cache closes its TensorBoard writer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ from rwft.federation.protocol import (
 )
 
 LOCAL_WEIGHTS_KEY = "rwft-local-weights"  # in the node's Flower state (context.state)
+STRATEGY_STATE_KEY = "rwft-strategy-state"  # what the strategy's site half keeps, likewise
+CACHED_SITES = 4  # sites (of different runs or nodes) one process keeps warm
 
 
 def dataset_for_path(path: str) -> str:
@@ -82,43 +86,70 @@ class Site:
 
     def keep_local_weights(self, context: Context) -> None:
         """Store what stays at the site (FedBN's layers) in the node state and in ``work_dir``."""
-        if not self.cfg.federation.local_bn:
-            return
-        kept = local_state(self.model, local_bn=True)
-        context.state[LOCAL_WEIGHTS_KEY] = ArrayRecord(kept)
-        atomic_write_bytes(self._kept_file(), lambda handle: torch.save(kept, handle))
+        if self.cfg.federation.local_bn:
+            self._keep(context, LOCAL_WEIGHTS_KEY, self._kept_file("local-weights"),
+                       local_state(self.model, local_bn=True))
+
+    def strategy_state(self, context: Context) -> dict[str, torch.Tensor]:
+        """What the strategy's site half kept after this site's last round (empty before the first)."""
+        return self._kept(context, STRATEGY_STATE_KEY, self._kept_file("strategy-state")) or {}
+
+    def keep_strategy_state(self, context: Context, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self._keep(context, STRATEGY_STATE_KEY, self._kept_file("strategy-state"), state)
 
     def logger(self) -> RunLogger:
-        """This site's own TensorBoard log (``work_dir/tb``); it stays at the site."""
+        """This site's own TensorBoard log (``work_dir/tb``), opened on first use; it stays at the site."""
         if self._logger is None:
             self._logger = RunLogger(self.work_dir / "tb")
         return self._logger
 
+    def close(self) -> None:
+        """Close the TensorBoard writer (a later ``logger()`` opens it again)."""
+        if self._logger is not None:
+            self._logger.close()
+            self._logger = None
+
     def _kept_weights(self, context: Context) -> dict[str, torch.Tensor] | None:
         if not self.cfg.federation.local_bn:
             return None
-        if LOCAL_WEIGHTS_KEY in context.state:
-            return context.state[LOCAL_WEIGHTS_KEY].to_torch_state_dict()  # type: ignore[union-attr]
-        file = self._kept_file()
+        return self._kept(context, LOCAL_WEIGHTS_KEY, self._kept_file("local-weights"))
+
+    @staticmethod
+    def _keep(context: Context, key: str, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: value.detach().cpu() for name, value in tensors.items()}
+        context.state[key] = ArrayRecord(tensors)
+        atomic_write_bytes(file, lambda handle: torch.save(tensors, handle))
+
+    @staticmethod
+    def _kept(context: Context, key: str, file: Path) -> dict[str, torch.Tensor] | None:
+        if key in context.state:
+            return context.state[key].to_torch_state_dict()  # type: ignore[union-attr]
         if file.is_file():  # a resumed federation: a new Flower run, the same federation id
             return torch.load(file, map_location="cpu", weights_only=True)
         return None
 
-    def _kept_file(self) -> Path:
-        return self.work_dir / "local-weights" / f"{self.federation_id}.pt"
+    def _kept_file(self, kind: str) -> Path:
+        return self.work_dir / kind / f"{self.federation_id}.pt"
+
+
+_SITES: OrderedDict[tuple, Site] = OrderedDict()  # least recently used first
 
 
 def site_for(context: Context) -> Site:
-    """The ``Site`` of this node in this run (cached per process)."""
+    """The ``Site`` of this node in this run, cached per process (``CACHED_SITES``, least recently used out)."""
     node = dict(context.node_config)
     run = dict(context.run_config)
-    return _cached_site(tuple(sorted(node.items())), tuple(sorted(run.items())))
+    key = (tuple(sorted(node.items())), tuple(sorted(run.items())))
+    site = _SITES.pop(key, None) or _build_site(node, run)
+    _SITES[key] = site
+    while len(_SITES) > CACHED_SITES:
+        _, evicted = _SITES.popitem(last=False)
+        evicted.close()
+    return site
 
 
-@lru_cache(maxsize=4)
-def _cached_site(node_items: tuple, run_items: tuple) -> Site:
-    node: Mapping[str, object] = dict(node_items)
-    run: Mapping[str, object] = dict(run_items)
+def _build_site(node: Mapping[str, object], run: Mapping[str, object]) -> Site:
     if "partition-id" in node:
         label, cfg, splits = _simulated_site(node, run)
         work_dir = Path(cfg.output_dir) / "sites" / label

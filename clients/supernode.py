@@ -2,8 +2,9 @@
 
 It takes exactly ``flower-supernode``'s arguments and runs Flower's own SuperNode with
 rwft's adjustments to its loop (``rwft.federation.flower_compat``: capped waits, stray replies
-pushed) and with timestamps in its log, so that a site can see when each round's
-messages came and went.
+pushed; each applied only where the installed Flower is the one they were written for,
+otherwise its log says which is off) and with timestamps in its log, so that a site can
+see when each round's messages came and went.
 """
 
 from __future__ import annotations

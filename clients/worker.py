@@ -8,60 +8,47 @@ this loop beside it: it takes each ClientApp task from the SuperNode's runtime A
 rwft's ClientApp here, where the imports, the decoded images and the built model stay
 warm (``rwft.clients.site``), and hands the reply back. It speaks the runtime API exactly
 as a ``flwr-clientapp`` process does (``flwr.supernode.runtime.run_clientapp``), one task
-at a time; only the wait for a message's weights is shorter (``rwft.federation.flower_compat``).
+at a time, with Flower's own functions, which are internal: they come through
+``rwft.federation.flower_compat.runtime_api``. Should a Flower release move them, this
+loop runs Flower's stock launcher instead (``flower-superexec``: one ``flwr-clientapp``
+process per message, slower, as ``--isolation subprocess``). Only the wait for a
+message's weights is shorter than Flower's (``PULL_BACKOFF``).
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import context_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
-from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
-    AcquireTaskRequest,
-    PullAppMessagesRequest,
-    PullTaskInputRequest,
-    SendTaskHeartbeatRequest,
-)
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import (
-    ObjectPullError,
-    ObjectUnavailableError,
-    pull_and_inflate_object_from_tree,
-)
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.protobuf.client import ProtobufClientInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from rwft.federation.flower_compat import POLL_S, PULL_BACKOFF
+from rwft.federation.flower_compat import POLL_S, PULL_BACKOFF, runtime_api
 
 STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well within this
 
 
 def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) -> None:
     """Run the SuperNode's ClientApp tasks with ``client_app`` until ``stop`` is set."""
-    acquirer = _runtime_client(runtime_address, stop)
+    api = runtime_api()
+    if api is None:
+        serve_stock(runtime_address, stop)
+        return
+    acquirer = _runtime_client(api, runtime_address, stop)
     try:
         while not stop.is_set():
             try:
-                response = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                response = acquirer.AcquireTask(api.AcquireTaskRequest(supported_task_types=[api.TaskType.CLIENT_APP]))
                 if response.HasField("task") and response.token:
-                    run_task(runtime_address, response.token, client_app, stop)
+                    run_task(api, runtime_address, response.token, client_app, stop)
                     continue
             except httpx.HTTPError as exc:  # the SuperNode is restarting or gone (then ``stop`` is set)
                 if not stop.is_set():
@@ -71,17 +58,33 @@ def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) ->
         acquirer.close()
 
 
-def run_task(runtime_address: str, token: str, client_app: ClientApp, stop: threading.Event) -> None:
+def serve_stock(runtime_address: str, stop: threading.Event) -> None:
+    """Flower's own launcher for the SuperNode's ClientApp tasks, until ``stop`` is set."""
+    launcher = subprocess.Popen([str(Path(sys.executable).parent / "flower-superexec"), "--insecure",
+                                 "--runtime-api-address", runtime_address, "--plugin-type", "clientapp"])
+    try:
+        while not stop.wait(POLL_S) and launcher.poll() is None:
+            pass
+    finally:
+        launcher.terminate()
+        try:
+            launcher.wait(30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+
+
+def run_task(api: types.SimpleNamespace, runtime_address: str, token: str, client_app: ClientApp,
+             stop: threading.Event) -> None:
     """Pull one task's message and context, run ``client_app`` on it, push the reply and context."""
-    client = _runtime_client(runtime_address, stop, RuntimeTokenHttpInterceptor(token))
-    heartbeat = HeartbeatSender(lambda: _send_heartbeat(client))
+    client = _runtime_client(api, runtime_address, stop, api.RuntimeTokenHttpInterceptor(token))
+    heartbeat = api.HeartbeatSender(lambda: _send_heartbeat(api, client))
     heartbeat.start()
     context: Context | None = None
     status, details = SubStatus.FAILED, ""
     try:
         try:
-            message, context = _pull_task_input(client)
-        except (ObjectPullError, RuntimeError) as exc:
+            message, context = _pull_task_input(api, client)
+        except (api.ObjectPullError, RuntimeError) as exc:
             details = f"the task's message could not be read: {exc}"
             print(f"rwft: skipped a task: {details}", file=sys.stderr, flush=True)
             return
@@ -94,29 +97,29 @@ def run_task(runtime_address: str, token: str, client_app: ClientApp, stop: thre
             details = f"{type(exc).__name__}: {exc}"
             print(f"rwft: the task failed: {details}", file=sys.stderr, flush=True)
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-        push_message(client, reply, context)
+        api.push_message(client, reply, context)
     finally:
         heartbeat.stop()
-        push_task_output(client, context, status, details)
+        api.push_task_output(client, context, status, details)
         client.close()
 
 
-def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
+def _pull_task_input(api: types.SimpleNamespace, client: Any) -> tuple[Message, Context]:
     """``run_clientapp.pull_task_input``, waiting for the weights at ``POLL_S`` instead of 1 s, 2 s, ..."""
-    task_input = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = task_input.task_id
-    TaskIdentity.run_id = task_input.run.run_id
-    TaskIdentity.node_id = task_input.context.node_id
-    context = context_from_proto(task_input.context)
-    pulled = client.PullMessages(PullAppMessagesRequest())
+    task_input = client.PullTaskInput(api.PullTaskInputRequest())
+    api.TaskIdentity.task_id = task_input.task_id
+    api.TaskIdentity.run_id = task_input.run.run_id
+    api.TaskIdentity.node_id = task_input.context.node_id
+    context = api.context_from_proto(task_input.context)
+    pulled = client.PullMessages(api.PullAppMessagesRequest())
     if not pulled.messages_list:
         raise RuntimeError("the SuperNode handed out a task without a message")
     tree = pulled.message_object_trees[0]
-    node = Node(node_id=context.node_id)
-    message = pull_and_inflate_object_from_tree(
+    node = api.Node(node_id=context.node_id)
+    message = api.pull_and_inflate_object_from_tree(
         tree,
-        _stall_guard(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        _stall_guard(api, api.make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)),
+        api.make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
         **PULL_BACKOFF,
     )
@@ -124,7 +127,7 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
     return message, context
 
 
-def _stall_guard(pull: Callable[[str], bytes]) -> Callable[[str], bytes]:
+def _stall_guard(api: types.SimpleNamespace, pull: Callable[[str], bytes]) -> Callable[[str], bytes]:
     """``pull``, giving up once no part of the message has arrived for ``STALL_S`` seconds.
 
     The SuperNode hands out a task before it has the message's weights, and when the
@@ -137,9 +140,9 @@ def _stall_guard(pull: Callable[[str], bytes]) -> Callable[[str], bytes]:
         nonlocal last_progress
         try:
             content = pull(object_id)
-        except ObjectUnavailableError:
+        except api.ObjectUnavailableError:
             if time.monotonic() - last_progress > STALL_S:
-                raise ObjectPullError(object_id, f"no part of the message arrived for {STALL_S:.0f} s") from None
+                raise api.ObjectPullError(object_id, f"no part of the message arrived for {STALL_S:.0f} s") from None
             raise
         last_progress = time.monotonic()
         return content
@@ -147,25 +150,25 @@ def _stall_guard(pull: Callable[[str], bytes]) -> Callable[[str], bytes]:
     return guarded
 
 
-def _send_heartbeat(client: RuntimeHttpClient) -> bool:
+def _send_heartbeat(api: types.SimpleNamespace, client: Any) -> bool:
     try:
-        return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        return bool(client.SendTaskHeartbeat(api.SendTaskHeartbeatRequest()).success)
     except httpx.HTTPError:
         return False
 
 
-def _runtime_client(address: str, stop: threading.Event, *interceptors: ProtobufClientInterceptor) -> RuntimeHttpClient:
+def _runtime_client(api: types.SimpleNamespace, address: str, stop: threading.Event, *interceptors: Any) -> Any:
     """A client of the SuperNode's runtime API that retries as Flower's does, until ``stop`` is set.
 
     Flower's ClientApp process retries for ever, which is right for a process that dies
     with its SuperNode; this loop lives in ``rwft-client`` itself, which must notice a
     SuperNode that exited (a refused TLS certificate, say) and say why.
     """
-    retry = make_simple_http_retry_invoker()
+    retry = api.make_simple_http_retry_invoker()
     flower_should_giveup = retry.should_giveup
     retry.should_giveup = lambda exc: stop.is_set() or bool(flower_should_giveup and flower_should_giveup(exc))
-    return RuntimeHttpClient.from_server_address(
+    return api.RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        interceptors=[api.RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
         retry_invoker=retry,
     )

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -40,16 +39,11 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from rwft.core.config import load_config
+    from rwft.core.config import load_resumed_config
     from rwft.core.run import train
 
     config, overrides = _split_config(args)
-    if args.resume:
-        overrides.append(f"output_dir={args.resume}")
-        saved = Path(args.resume) / "config.yaml"
-        if config is None and saved.is_file():
-            config = str(saved)
-    cfg = load_config(config, overrides)
+    cfg = load_resumed_config(config, overrides, args.resume)
     console.print(f"[bold]rwft train[/bold] {cfg.model.backbone} ({'ImageNet' if cfg.model.pretrained else 'scratch'}, "
                   f"{cfg.model.mode}, adapter {cfg.model.adapter}) on {cfg.data.dataset} at {cfg.data.image_size}px "
                   f"-> {cfg.output_dir}")

@@ -112,6 +112,7 @@ class FederationConfig:
     sites: int = 3  # rwft simulate: how many hospitals to simulate
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
     site_shifts: list[str] = field(default_factory=list)  # rwft simulate: per site a scanner shift (rwft.core.shift), "" = none
+    feddyn_alpha: float = 0.01  # FedDyn's regularisation weight (used by strategy=feddyn)
 
 
 @dataclass
@@ -265,3 +266,20 @@ def with_overrides(cfg: RwftConfig, overrides: Sequence[str]) -> RwftConfig:
     _check_choices(merged)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
+
+
+def load_resumed_config(config: str | os.PathLike[str] | None, overrides: Sequence[str],
+                        resume: str | os.PathLike[str] | None) -> RwftConfig:
+    """The config of a new run (``config`` + ``overrides``), or of the run in the directory ``resume``.
+
+    A resumed run (``rwft train --resume``, ``rwft-server start --resume``, ``rwft simulate
+    --resume``) starts from the ``config.yaml`` it saved (or ``config`` if given), then the
+    overrides (``train.epochs=N``, ``federation.rounds=N`` let it go on longer), in its own
+    directory.
+    """
+    if resume is None:
+        return load_config(config, overrides)
+    saved = Path(resume) / "config.yaml"
+    if config is None and not saved.is_file():
+        raise ConfigError(f"{resume} has no config.yaml: pass the run directory of an rwft run to resume.")
+    return load_config(config or saved, [*overrides, f"output_dir={resume}"])

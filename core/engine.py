@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +119,7 @@ class Trainer:
         proximal_mu: float = 0.0,
         global_step: int = 0,
         train_labels: np.ndarray | None = None,
+        loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
     ) -> None:
         self.cfg = cfg
         self.device = device or select_device(cfg.train)
@@ -133,6 +134,7 @@ class Trainer:
         self.proximal_mu = proximal_mu
         self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
         self.global_step = global_step
+        self.loss_terms = list(loss_terms)  # added to every step's loss (rwft.core.site_algorithm)
 
     def _build_stage(self, epochs: int) -> None:
         if self.stage == recipe.PROBE or self.cfg.train.lp_epochs > 0:
@@ -218,6 +220,8 @@ class Trainer:
         if self.proximal_mu > 0:
             drift = sum(torch.sum((p - a) ** 2) for p, a in zip(self.parameters, self.anchor))
             loss = loss + 0.5 * self.proximal_mu * drift
+        for term in self.loss_terms:
+            loss = loss + term()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -277,6 +281,7 @@ def fit(
     progress: bool = False,
     on_epoch_end: EpochCallback | None = None,
     resume: ResumeState | None = None,
+    loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
 ) -> FitResult:
     """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
 
@@ -291,7 +296,7 @@ def fit(
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device, proximal_mu=proximal_mu,
-                      train_labels=splits.train.labels)
+                      train_labels=splits.train.labels, loss_terms=loss_terms)
     if resume.trainer is not None:
         trainer.load_state_dict(resume.trainer)
     first_step = trainer.global_step

@@ -86,18 +86,27 @@ def register_strategies(register: Register) -> None:
     - ``config`` is the whole resolved run config (read ``config.federation``).
     - ``common`` holds the keyword arguments every Flower strategy accepts that the
       server computes for the run (``fraction_train``, ``fraction_evaluate``,
-      ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``): pass them on.
+      ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``, and
+      ``train_metrics_aggr_fn``, which averages only the sites' training numbers): pass them on.
     - Returns a Flower strategy from ``flwr.serverapp.strategy`` (or a subclass). The
       rwft server drives it round by round itself (``configure_train`` and
-      ``aggregate_train`` every round, ``configure_evaluate`` and ``aggregate_evaluate``
-      once after the last), so that each round can be committed to disk and resumed;
-      array-valued attributes of the strategy (FedAdam's ``m_t``/``v_t``) are
-      checkpointed with the round. Aggregation sees the model as flat float32 vectors
-      (weights, BatchNorm statistics), so a strategy must work coordinate-wise or on
-      whole vectors, as all of Flower's built-in ones do.
-    - If the strategy needs the client to do something different (FedProx's proximal
-      term), it reads the same config on the client; strategies never add new message
-      contents beyond arrays and scalar metrics/config values.
+      ``aggregate_train`` every round, ``configure_evaluate`` once after the last), so
+      that each round can be committed to disk and resumed. What it learns is saved with
+      every round (``rwft.server.state.strategy_state``): its array-valued attributes
+      (FedAdam's ``m_t``/``v_t``), the attributes it names in ``learned_attributes`` (a
+      round counter, an adaptive clipping norm) and the state of a strategy it wraps
+      (``.strategy``). Aggregation sees the model as flat float32 vectors (weights,
+      BatchNorm statistics), so a strategy must work coordinate-wise or on whole vectors,
+      as all of Flower's built-in ones do.
+    - A strategy whose sites train differently (FedProx's proximal term, FedDyn's
+      regulariser, SCAFFOLD-style control variates) registers
+      ``rwft.core.site_algorithm.StrategyPlugin(server=factory, site=site_factory)``:
+      ``site_factory(config) -> SiteAlgorithm`` is built by each site's ClientApp for every
+      training message, adds loss terms to its local training and keeps tensors at the
+      site from round to round (and across a resumed federation). It reads the numbers
+      the strategy puts in the round's config record (``configure_train``). Messages
+      carry nothing else: the weights, the round's config values and the site's scores
+      (``rwft.federation.protocol``). A site that does not have the plugin trains plainly.
     """
 
 

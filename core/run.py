@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from rwft.core import testtime
 from rwft.core.checkpoint import load_checkpoint, save_checkpoint, write_json
 from rwft.core.classes import describe as describe_classes
 from rwft.core.config import RwftConfig, save_config, to_container, with_overrides
@@ -32,6 +31,8 @@ from rwft.core.engine import ResumeState, Trainer, fit, seed_everything, select_
 from rwft.core.errors import ConfigError, DataError, RwftError, WeightsError
 from rwft.core.metrics import report
 from rwft.core.model import build_model, check_model_names
+from rwft.core.model_file import model_payload
+from rwft.core.scoring import final_score
 from rwft.core.tblog import RunLogger
 from rwft.core.testtime import predict_ensemble, predict_tta, transductive_scores
 from rwft.core.thresholds import Temperature, fit_decision
@@ -184,10 +185,7 @@ def _resume_state(run_dir: Path, cfg: RwftConfig) -> tuple[ResumeState, dict | N
 
 
 def _payload(cfg: RwftConfig, splits: DatasetSplits, model: Any, *, epoch: int, val: dict[str, float]) -> dict:
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "config": to_container(cfg), "class_names": list(splits.class_names),
-            "positive_class": splits.class_names[1], "epoch": epoch,
-            "val": {k: float(v) for k, v in val.items()}, "threshold": 0.5}
+    return model_payload(cfg, model, splits.class_names, epoch=epoch, val={k: float(v) for k, v in val.items()})
 
 
 def _classes(class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -196,11 +194,10 @@ def _classes(class_names: tuple[str, ...] | list[str]) -> dict[str, Any]:
 
 def _score(model: Any, splits: DatasetSplits, cfg: RwftConfig, device: Any, logger: RunLogger, step: int) -> dict:
     """Decision rule fitted on validation (``eval.*`` policy), then test metrics with bootstrap intervals."""
-    scored = testtime.score([model], splits, cfg, device)
-    test, threshold = scored.metrics["test"], scored.decision.threshold
-    logger.scalars({k: v["value"] for k, v in test.items() if isinstance(v, dict)}, step, prefix="test")
-    logger.curves("test", splits.test.labels, scored.test_probs, threshold, step, class_names=splits.class_names)
-    return scored.metrics | {"source": splits.source, "classes": _classes(splits.class_names)}
+    final = final_score(model, splits, cfg, device)
+    logger.scalars(final.test_values(), step, prefix="test")
+    logger.curves("test", splits.test.labels, final.test_probs, final.threshold, step, class_names=splits.class_names)
+    return final.report | {"classes": _classes(splits.class_names)}
 
 
 def _require_binary(splits: DatasetSplits) -> None:

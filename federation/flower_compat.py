@@ -1,6 +1,17 @@
-"""Where rwft adjusts Flower 1.42 at run time, in its own processes only, and why.
+"""Every place rwft reaches into Flower's internals, behind one gated door, and why.
 
-**Waits.** Flower waits on purpose in several places, sized for slow links and many nodes:
+rwft builds on Flower's public API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``,
+the ``flower-*`` commands). Three things it needs are not public, so they live here, each
+as an ``Adjustment`` that is applied only when the installed Flower is the series rwft
+was tested with (``TESTED_SERIES``) and every function it touches still has the
+parameters rwft relies on (``inspect.signature``). On drift rwft prints which adjustment
+is off and what that costs, and keeps working, slower, instead of crashing at the first
+message (``gate``). ``RWFT_FLOWER_ADJUSTMENTS=off`` turns them all off, a comma-separated
+list of keys (``supernode-waits,grid-waits``) only those: how
+``benchmarks/federated_overhead.py`` measures what each buys (``benchmarks/RESULTS.md``).
+
+**Waits** (``SUPERNODE_WAITS``, ``GRID_WAITS``). Flower waits on purpose, sized for slow
+links and many nodes:
 
 - the SuperNode sleeps 3 s after each poll of the SuperLink that finds no message, and
   checks every 0.5 s whether the ClientApp's reply is ready
@@ -12,32 +23,110 @@
 - ``Grid.send_and_receive`` sleeps 3 s between polls (rwft's own loop,
   ``rwft.server.rounds``, does not use it).
 
-On loopback these waits, not training, were most of a round
-(``benchmarks/RESULTS.md``). Each is capped at ``POLL_S``.
+On loopback these waits, not training, were most of a round. Each is capped at ``POLL_S``
+by replacing a module attribute that Flower's loops look up at call time.
 
-**A reply left behind.** The SuperNode pushes replies only right after it has pulled a
-message, and then all replies it has. When the server dies while a message is on its
-way, the SuperNode gives up on that message but leaves its task behind; the ClientApp
-still answers it, that stray reply is pushed in place of the next message's, and the
-next message's real reply then waits for a message that never comes (the server is
-waiting for the reply). The SuperNode here also pushes waiting replies when no message
-comes.
+**A reply left behind** (``STRAY_REPLY``). The SuperNode pushes replies only right after
+it has pulled a message, and then all replies it has. When the server dies while a
+message is on its way, the SuperNode gives up on that message but leaves its task
+behind; the ClientApp still answers it, that stray reply is pushed in place of the next
+message's, and the next message's real reply then waits for a message that never comes
+(the server is waiting for the reply). The SuperNode here also pushes waiting replies
+when no message comes. Without it a resumed federation may need its sites restarted.
 
-Each adjustment replaces a module attribute that Flower's loops look up at call time.
-Should a Flower release move them, nothing is patched, rwft says so, and rounds are
-slower (or, for the stray reply, a resumed federation may need its sites restarted).
+**The warm worker** (``WARM_WORKER``, ``runtime_api``). ``rwft.clients.worker`` speaks the
+SuperNode's ClientApp runtime API from a long-lived process, with Flower's own
+functions; without them ``rwft-client join`` runs Flower's stock launcher
+(``flower-superexec``), one ClientApp process per message.
+
+Both upstream problems (the fixed idle poll and backoff; the stray reply) are written
+down in the README's "Known limits".
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
 import sys
 import time
 import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 POLL_S = 0.2  # an idle SuperNode polling at this rate costs about 5% of one core
 PULL_BACKOFF = {"initial_backoff": 0.02, "backoff_cap": POLL_S}
+TESTED_SERIES = "1.42."  # the Flower releases these adjustments were written and tested against
+SWITCH = "RWFT_FLOWER_ADJUSTMENTS"  # "off": run Flower exactly as released; or keys of adjustments to leave off
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    key: str  # its name in RWFT_FLOWER_ADJUSTMENTS
+    name: str  # what rwft changes
+    lost: str  # what the federation loses when it cannot
+
+
+SUPERNODE_WAITS = Adjustment("supernode-waits", "the SuperNode's capped waits",
+                             "an idle SuperNode polls every 3 s and retries downloads after up to 10 s, so each "
+                             "round takes seconds longer")
+STRAY_REPLY = Adjustment("stray-reply", "the SuperNode's push of a waiting reply",
+                         "after a server crash a site may answer the resumed federation with a stale reply and "
+                         "stall; restart such sites (`rwft-client join`) if a resumed round does not finish")
+GRID_WAITS = Adjustment("grid-waits", "the ServerApp's capped download waits",
+                        "the server collects each reply up to 10 s later, so each round takes seconds longer")
+WARM_WORKER = Adjustment("warm-worker", "the warm ClientApp worker",
+                         "every message starts a new ClientApp process that imports torch and loads the site's "
+                         "data again (Flower's stock path), so each round takes seconds longer")
+
+# The signatures rwft relies on, as (what, parameter names) of the installed, tested Flower.
+PULL_OBJECTS = ("object_ids", "pull_object_fn", "max_concurrent_pulls", "max_time", "max_tries_per_object",
+                "initial_backoff", "backoff_cap")
+PULL_AND_STORE = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
+                  "confirm_message_received", "trusted_entities")
+
+
+def flower_version() -> str:
+    from flwr import __version__
+
+    return str(__version__)
+
+
+def signature_problem(what: str, function: Any, expected: Iterable[str]) -> str | None:
+    """Why ``function`` is not what rwft relies on (``None`` when its parameters are exactly ``expected``)."""
+    if not callable(function):
+        return f"{what} is missing"
+    try:
+        found = tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return f"{what} has no readable signature"
+    expected = tuple(expected)
+    if found != expected:
+        return f"{what} takes ({', '.join(found)}), rwft expects ({', '.join(expected)})"
+    return None
+
+
+def gate(adjustment: Adjustment, checks: Iterable[tuple[str, Any, Iterable[str]]], *,
+         version: str | None = None) -> bool:
+    """Whether ``adjustment`` may be applied; if not, say on stderr exactly what is lost, and why.
+
+    ``checks`` are ``(what, function, parameter names)`` triples (``signature_problem``).
+    """
+    problems = []
+    switched_off = {key.strip().lower() for key in os.environ.get(SWITCH, "").split(",")}
+    if switched_off & {"off", adjustment.key}:
+        problems.append(f"{SWITCH}={os.environ[SWITCH]}")
+    version = version or flower_version()
+    if not version.startswith(TESTED_SERIES):
+        problems.append(f"Flower {version} is not the {TESTED_SERIES}* series rwft was tested with")
+    problems += [problem for what, function, expected in checks
+                 if (problem := signature_problem(what, function, expected)) is not None]
+    if problems:
+        print(f"rwft: {adjustment.name} is off ({'; '.join(problems)}): {adjustment.lost}. Flower itself runs "
+              "unchanged.", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 class _CappedTime(types.ModuleType):
@@ -51,41 +140,60 @@ class _CappedTime(types.ModuleType):
         time.sleep(min(seconds, POLL_S))
 
 
-def patch_supernode() -> bool:
-    """Cap the SuperNode loop's waits and let it push stray replies (call before starting it)."""
+def patch_supernode(version: str | None = None) -> dict[str, bool]:
+    """Cap the SuperNode loop's waits and let it push stray replies (call before starting it).
+
+    Returns which adjustments are applied (``SUPERNODE_WAITS``, ``STRAY_REPLY`` by name).
+    """
     from flwr.supernode import start_client_internal as node_loop
+    from flwr.supernode.nodestate import NodeState
 
-    if isinstance(getattr(node_loop, "time", None), _CappedTime):
-        return True  # already patched in this process
-    if not (isinstance(getattr(node_loop, "time", None), types.ModuleType) and _has_pull(node_loop)
-            and callable(getattr(node_loop, "_pull_and_store_message", None))):
-        return _unchanged("SuperNode")
-    node_loop.time = _CappedTime("time")  # type: ignore[assignment]
-    _cap_pull(node_loop)
-    node_loop._pull_and_store_message = _or_waiting_reply(node_loop._pull_and_store_message)  # type: ignore[attr-defined]
-    return True
+    applied = {SUPERNODE_WAITS.name: isinstance(getattr(node_loop, "time", None), _CappedTime),
+               STRAY_REPLY.name: hasattr(getattr(node_loop, "_pull_and_store_message", None), "__wrapped__")}
+    if not applied[SUPERNODE_WAITS.name] and gate(SUPERNODE_WAITS, [
+            ("start_client_internal.pull_objects", getattr(node_loop, "pull_objects", None), PULL_OBJECTS)],
+            version=version) and getattr(node_loop, "time", None) is time:
+        node_loop.time = _CappedTime("time")  # type: ignore[assignment]
+        _cap_pull(node_loop)
+        applied[SUPERNODE_WAITS.name] = True
+    pull_and_store = getattr(node_loop, "_pull_and_store_message", None)
+    if not applied[STRAY_REPLY.name] and gate(STRAY_REPLY, [
+            ("start_client_internal._pull_and_store_message", pull_and_store, PULL_AND_STORE),
+            ("NodeState.get_messages_legacy", getattr(NodeState, "get_messages_legacy", None),
+             ("self", "run_ids", "is_reply", "limit")),
+            ("NodeState.delete_messages", getattr(NodeState, "delete_messages", None), ("self", "message_ids")),
+            ("NodeState.store_message", getattr(NodeState, "store_message", None), ("self", "message"))],
+            version=version):
+        node_loop._pull_and_store_message = _or_waiting_reply(pull_and_store)  # type: ignore[attr-defined]
+        applied[STRAY_REPLY.name] = True
+    return applied
 
 
-def patch_grid() -> bool:
+def patch_grid(version: str | None = None) -> bool:
     """Cap the ServerApp's waits for the sites' replies (call in the ServerApp process)."""
     from flwr.superlink.grid import http_grid
 
-    if not _has_pull(http_grid):
-        return _unchanged("ServerApp grid")
+    if isinstance(getattr(http_grid, "pull_objects", None), functools.partial):
+        return True  # a ServerApp may run twice in one process
+    if not gate(GRID_WAITS, [("http_grid.pull_objects", getattr(http_grid, "pull_objects", None), PULL_OBJECTS)],
+                version=version):
+        return False
     _cap_pull(http_grid)
     return True
 
 
-def _or_waiting_reply(pull_and_store: Any) -> Any:
+def _or_waiting_reply(pull_and_store: Callable[..., int | None]) -> Callable[..., int | None]:
     """The SuperNode's message pull; when it brings nothing but a reply waits, name that reply's run.
 
     The loop pushes replies only after a pull that names a run, so this lets it push the
     waiting reply now instead of after the next message.
     """
+    signature = inspect.signature(pull_and_store)
+
     @functools.wraps(pull_and_store)
     def pull(*args: Any, **kwargs: Any) -> int | None:
         run_id = pull_and_store(*args, **kwargs)
-        state = kwargs["state"]
+        state = signature.bind(*args, **kwargs).arguments["state"]
         if run_id is None and (waiting := state.get_messages_legacy(is_reply=True)):
             # get_messages_legacy marks what it returns as taken, and the push that follows
             # asks for untaken replies only: left taken, it would wait for them forever
@@ -99,17 +207,66 @@ def _or_waiting_reply(pull_and_store: Any) -> Any:
     return pull
 
 
-def _has_pull(module: types.ModuleType) -> bool:
-    return callable(getattr(module, "pull_objects", None))
-
-
 def _cap_pull(module: types.ModuleType) -> None:
-    pull = module.pull_objects  # type: ignore[attr-defined]
-    if not isinstance(pull, functools.partial):  # idempotent: a ServerApp may run twice in one process
-        module.pull_objects = functools.partial(pull, **PULL_BACKOFF)  # type: ignore[attr-defined]
+    module.pull_objects = functools.partial(module.pull_objects, **PULL_BACKOFF)  # type: ignore[attr-defined]
 
 
-def _unchanged(what: str) -> bool:
-    print(f"rwft: this Flower version's {what} is not laid out as rwft expects; it runs unchanged "
-          "(rounds take longer)", file=sys.stderr)
-    return False
+def runtime_api(version: str | None = None) -> types.SimpleNamespace | None:
+    """Flower's ClientApp-runtime internals the warm worker speaks (``rwft.clients.worker``), by their
+    Flower names; ``None`` (and why, on stderr) when they moved: then use Flower's stock path."""
+    try:
+        from flwr.common.serde import context_from_proto
+        from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+        from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+            AcquireTaskRequest,
+            PullAppMessagesRequest,
+            PullTaskInputRequest,
+            SendTaskHeartbeatRequest,
+        )
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+            make_confirm_message_received_fn_protobuf,
+            make_pull_object_fn_protobuf,
+        )
+        from flwr.supercore.inflatable.inflatable_utils import (
+            ObjectPullError,
+            ObjectUnavailableError,
+            pull_and_inflate_object_from_tree,
+        )
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.task_identity import TaskIdentity
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+    except ImportError as exc:
+        gate(WARM_WORKER, [(f"{exc.name or 'a Flower module'}", None, ())], version=version)
+        return None
+    checks = [
+        ("run_clientapp.push_message", push_message, ("client", "message", "context")),
+        ("run_clientapp.push_task_output", push_task_output, ("client", "context", "sub_status", "details")),
+        ("pull_and_inflate_object_from_tree", pull_and_inflate_object_from_tree,
+         ("object_tree", "pull_object_fn", "confirm_object_received_fn", "return_type", "max_concurrent_pulls",
+          "max_time", "max_tries_per_object", "initial_backoff", "backoff_cap")),
+        ("HeartbeatSender", HeartbeatSender, ("heartbeat_fn",)),
+        ("RuntimeHttpClient.from_server_address", RuntimeHttpClient.from_server_address,
+         ("server_address", "insecure", "root_certificates", "interceptors", "retry_invoker")),
+        ("context_from_proto", context_from_proto, ("context_proto",)),
+        ("make_simple_http_retry_invoker", make_simple_http_retry_invoker, ()),
+        ("make_pull_object_fn_protobuf", make_pull_object_fn_protobuf, ("pull_object_protobuf", "node", "run_id")),
+        ("make_confirm_message_received_fn_protobuf", make_confirm_message_received_fn_protobuf,
+         ("confirm_message_received_protobuf", "node", "run_id")),
+    ]
+    if not gate(WARM_WORKER, checks, version=version):
+        return None
+    return types.SimpleNamespace(
+        context_from_proto=context_from_proto, Node=Node, AcquireTaskRequest=AcquireTaskRequest,
+        PullAppMessagesRequest=PullAppMessagesRequest, PullTaskInputRequest=PullTaskInputRequest,
+        SendTaskHeartbeatRequest=SendTaskHeartbeatRequest, TaskType=TaskType, HeartbeatSender=HeartbeatSender,
+        make_confirm_message_received_fn_protobuf=make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf=make_pull_object_fn_protobuf, ObjectPullError=ObjectPullError,
+        ObjectUnavailableError=ObjectUnavailableError, pull_and_inflate_object_from_tree=pull_and_inflate_object_from_tree,
+        RuntimeTokenHttpInterceptor=RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor=RuntimeVersionHttpInterceptor,
+        make_simple_http_retry_invoker=make_simple_http_retry_invoker, RuntimeHttpClient=RuntimeHttpClient,
+        TaskIdentity=TaskIdentity, push_message=push_message, push_task_output=push_task_output)

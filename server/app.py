@@ -11,8 +11,9 @@ federation (``rwft-server start --resume``) goes on after its last committed rou
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,30 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from rwft.core.checkpoint import save_checkpoint, write_json
-from rwft.core.config import RwftConfig, to_container
+from rwft.core.config import RwftConfig
 from rwft.core.engine import seed_everything
 from rwft.core.errors import RwftError
-from rwft.core.model import build_model
+from rwft.core.model import RwftModel, build_model
+from rwft.core.model_file import model_payload
 from rwft.core.plugins import Registries, call_factory, get_registries
 from rwft.core.tblog import RunLogger
 from rwft.federation.flower_compat import patch_grid
-from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
-from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
+from rwft.federation.protocol import (
+    NUM_CLASSES_KEY,
+    RESUME_KEY,
+    aggregate_train_metrics,
+    config_from_run,
+    load_shared,
+    shared_arrays,
+)
+from rwft.server.central_view import (
+    RoundRecord,
+    attach_evaluation,
+    log_evaluation,
+    log_round,
+    round_record,
+    round_summary,
+)
 from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
 from rwft.server.site_identity import VettedGrid
@@ -57,6 +73,7 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
         "min_train_nodes": max(1, math.ceil(federation.fraction * federation.min_sites)),
         "min_evaluate_nodes": federation.min_sites,
         "min_available_nodes": federation.min_sites,
+        "train_metrics_aggr_fn": aggregate_train_metrics,  # the training numbers only, by training images
     }
     registration = (registries or get_registries()).strategies.get(federation.strategy)
     return call_factory(registration, "a Flower Strategy", lambda value: isinstance(value, Strategy), cfg, **common)
@@ -72,14 +89,14 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
     cfg = config_from_run(run_config)
     grid = VettedGrid(grid, cfg.output_dir)  # type: ignore[assignment]  # labels unique, bound to keys (trust-ops)
     federation = Federation(cfg, int(run_config[NUM_CLASSES_KEY]), make_strategy(cfg, registries))
-    with federation.logger:
+    with federation.open():
         state = load_state(federation.run_dir)
         if run_config.get(RESUME_KEY):
             if state is None:
                 raise RwftError(f"nothing to resume in {federation.run_dir}: no round was completed. "
                                 "Start it afresh.")
             restore_strategy(federation.strategy, state.strategy)
-            federation.history = state.history
+            federation.history = [RoundRecord.from_dict(record) for record in state.history]
             arrays, first_round = state.array_record(), state.round + 1
             print(f"rwft: resuming after round {state.round} of {cfg.federation.rounds}", flush=True)
         elif state is not None:
@@ -100,18 +117,49 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
 
 
 class Federation:
-    """The server's side of one federation: its global model, records, checkpoints and logs."""
+    """The server's side of one federation: its global model, records, checkpoints and logs.
+
+    Built without side effects; ``open()`` seeds the RNGs, builds the model, loads the
+    held-out data and opens the TensorBoard writer, for as long as its ``with`` block runs.
+    """
 
     def __init__(self, cfg: RwftConfig, num_classes: int, strategy: Strategy) -> None:
         self.cfg = cfg
+        self.num_classes = num_classes
         self.run_dir = Path(cfg.output_dir)
         self.strategy = strategy
-        seed_everything(cfg.seed)  # the same starting head, hence the same round 0, on every run
-        self.model = build_model(cfg.model, num_classes)
-        self.holdout = Holdout.load(cfg, self.model) if cfg.federation.server_eval else None
-        self.class_names = self.holdout.splits.class_names if self.holdout else DEFAULT_CLASS_NAMES
-        self.history: list[dict[str, Any]] = []
-        self.logger = RunLogger(self.run_dir / "tb")
+        self.history: list[RoundRecord] = []
+        self._model: RwftModel | None = None
+        self._logger: RunLogger | None = None
+        self.holdout: Holdout | None = None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Federation]:
+        seed_everything(self.cfg.seed)  # the same starting head, hence the same round 0, on every run
+        self._model = build_model(self.cfg.model, self.num_classes)
+        self.holdout = Holdout.load(self.cfg, self._model) if self.cfg.federation.server_eval else None
+        with RunLogger(self.run_dir / "tb") as logger:
+            self._logger = logger
+            try:
+                yield self
+            finally:
+                self._logger = None
+
+    @property
+    def model(self) -> RwftModel:
+        if self._model is None:
+            raise RuntimeError("Federation.open() first")
+        return self._model
+
+    @property
+    def logger(self) -> RunLogger:
+        if self._logger is None:
+            raise RuntimeError("Federation.open() first")
+        return self._logger
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.holdout.splits.class_names) if self.holdout else DEFAULT_CLASS_NAMES
 
     def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None,
                on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -122,7 +170,8 @@ class Federation:
         self.history.append(record)
         load_shared(self.model, arrays, self.cfg.federation.local_bn)
         commit(self.run_dir, FederationState(server_round, arrays_of(arrays), strategy_state(self.strategy),
-                                             self.history), self._checkpoint(server_round, threshold=0.5))
+                                             [r.to_dict() for r in self.history]),
+               self._checkpoint(server_round, threshold=0.5))
         # Logged after the commit: a crash in between loses points of the curves, never
         # duplicates them (a resumed federation does not repeat a committed round).
         log_round(self.logger, record)
@@ -137,23 +186,21 @@ class Federation:
         """Record the sites' scores of the final model and the held-out test report."""
         attach_evaluation(self.history[-1], evaluation)
         log_evaluation(self.logger, evaluation)
-        metrics: dict[str, Any] = {"rounds": self.history, "complete": True}
+        metrics: dict[str, Any] = {"rounds": [r.to_dict() for r in self.history], "complete": True}
         if self.holdout is not None:
-            final = self.holdout.final_report(arrays)
-            metrics["final"] = final
+            final = self.holdout.final_score(arrays)
+            metrics["final"] = final.report
             save_checkpoint(self.run_dir / "model.pt", self._checkpoint(self.cfg.federation.rounds,
-                                                                        threshold=final["threshold"]))
-            self.logger.scalars({k: v["value"] for k, v in final["test"].items() if isinstance(v, dict)},
-                                self.cfg.federation.rounds, prefix="test")
-            print(f"rwft: held-out test AUROC {final['test']['auroc']['value']:.3f} (threshold "
-                  f"{final['threshold']:.3f} chosen on validation)", flush=True)
+                                                                        threshold=final.threshold))
+            self.logger.scalars(final.test_values(), self.cfg.federation.rounds, prefix="test")
+            print(f"rwft: held-out test AUROC {final.test_values()['auroc']:.3f} (threshold "
+                  f"{final.threshold:.3f} chosen on validation)", flush=True)
         write_json(self.run_dir / "metrics.json", metrics)
         if "auroc" in evaluation.aggregate:
             print(f"rwft: final model on the sites' validation splits: AUROC {evaluation.aggregate['auroc']:.3f}",
                   flush=True)
 
     def _checkpoint(self, server_round: int, *, threshold: float) -> dict[str, Any]:
-        """The global model in ``rwft.core.run``'s checkpoint format, so that ``rwft evaluate`` reads it."""
-        return {"model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                "config": to_container(self.cfg), "class_names": list(self.class_names), "round": server_round,
-                "epoch": server_round, "val": {}, "threshold": threshold}
+        """The global model as an rwft checkpoint (``rwft.core.model_file``), so that ``rwft evaluate`` reads it."""
+        return model_payload(self.cfg, self.model, self.class_names, epoch=server_round, val={},
+                             threshold=threshold, round=server_round)

@@ -4,7 +4,8 @@ With ``federation.server_eval=true`` the server loads ``data`` from its config (
 no site trains on; ``rwft simulate`` gives the sites the train split and keeps val and
 test here). After every round the global model is scored on the **validation** split
 (the curve in TensorBoard); at the end the decision threshold is chosen on validation
-and the **test** split is reported once, with bootstrap intervals, as ``rwft train`` does.
+and the **test** split is reported once, with bootstrap intervals, by the same function
+as ``rwft train`` (``rwft.core.scoring.final_score``).
 
 With ``federation.local_bn`` (FedBN) there is no global BatchNorm: the server scores the
 shared weights with the backbone's own BatchNorm layers, which understates what each
@@ -15,17 +16,16 @@ site's model (shared weights + its BatchNorm) does; the sites' own scores
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
 from rwft.core.config import RwftConfig
 from rwft.core.data import DatasetSplits, load_splits
-from rwft.core.engine import evaluate_split, predict, select_device
+from rwft.core.engine import evaluate_split, select_device
 from rwft.core.errors import DataError
-from rwft.core.metrics import binary_metrics, pick_threshold, report
 from rwft.core.model import RwftModel
+from rwft.core.scoring import FinalScore, final_score
 from rwft.federation.protocol import load_shared
 
 # The scores shown per round (the clinical ones; evaluate_split computes more).
@@ -55,14 +55,7 @@ class Holdout:
         scores = evaluate_split(self.model, self.splits.val, self.cfg, device=self.device)
         return {name: scores[name] for name in ROUND_METRICS}
 
-    def final_report(self, arrays: ArrayRecord) -> dict[str, Any]:
-        """Threshold chosen on validation, then the test split with 95% bootstrap intervals."""
+    def final_score(self, arrays: ArrayRecord) -> FinalScore:
+        """Threshold chosen on validation, then the test split with 95% bootstrap intervals (as ``rwft train``)."""
         load_shared(self.model, arrays, self.cfg.federation.local_bn)
-        val_probs = predict(self.model, self.splits.val, self.cfg, self.device)[:, 1]
-        threshold = pick_threshold(self.splits.val.labels, val_probs)
-        test_probs = predict(self.model, self.splits.test, self.cfg, self.device)[:, 1]
-        return {"threshold": threshold,
-                "val": binary_metrics(self.splits.val.labels, val_probs, threshold),
-                "test": report(self.splits.test.labels, test_probs, threshold,
-                               resamples=self.cfg.train.bootstrap, seed=self.cfg.seed),
-                "source": self.splits.source}
+        return final_score(self.model, self.splits, self.cfg, self.device)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rwft.core.config import RwftConfig, load_config, save_config, with_overrides
+from rwft.core.config import RwftConfig, load_resumed_config, save_config, with_overrides
 from rwft.core.data import load_splits
 from rwft.core.errors import RwftError
 from rwft.federation.protocol import run_config_for
@@ -22,17 +22,8 @@ from rwft.server.state import create_federation, federation_id, load_state
 
 
 def load_federation_config(config: str | None, overrides: Sequence[str], resume: str | None) -> RwftConfig:
-    """The config of a new federation (``config`` + ``overrides``), or of the one in ``resume``.
-
-    A resumed federation starts from its saved ``config.yaml`` (or ``config`` if given),
-    then the overrides: ``federation.rounds=N`` lets it train longer.
-    """
-    if resume is None:
-        return load_config(config, overrides)
-    saved = Path(resume) / "config.yaml"
-    if not saved.is_file():
-        raise RwftError(f"{resume} has no config.yaml: pass the run directory of a federation.")
-    return load_config(config or saved, [*overrides, f"output_dir={resume}"])
+    """The config of a new federation, or of the one in ``resume`` (``load_resumed_config``)."""
+    return load_resumed_config(config, overrides, resume)
 
 
 def prepare_federation(cfg: RwftConfig, *, resume: bool) -> tuple[RwftConfig, dict[str, Any]]:

@@ -9,8 +9,10 @@ differ, and are why this loop exists:
   training message does both: a site first scores the model it receives on its
   validation split, then trains (``rwft.clients.app``). So round r's replies carry the
   sites' scores of round r-1's global model, and after the last round one evaluation
-  exchange (``evaluate_model``, the strategy's ``configure_evaluate``/``aggregate_evaluate``)
-  scores the final model. Every round moves the model down once instead of twice.
+  exchange (``evaluate_model``, the strategy's ``configure_evaluate``)
+  scores the final model (the strategy's ``aggregate_evaluate`` is not used: the sites'
+  scores are averaged by ``rwft.federation.protocol.mean_scores``, the same way every
+  round). Every round moves the model down once instead of twice.
 - **It starts at any round.** A resumed federation goes on at the round after its last
   checkpoint, with the real round number (FedAdam's bias correction depends on it).
 - **No idle waits.** It polls for replies every ``POLL_S`` seconds, where
@@ -24,9 +26,8 @@ would wait silently without end), and a round goes on with the replies it has af
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -35,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 
 from rwft.core.errors import RwftError
 from rwft.federation.flower_compat import POLL_S
-from rwft.federation.protocol import RECEIVED_PREFIX, SITE_LABEL, update_norm
+from rwft.federation.protocol import SITE_LABEL, EvaluateReply, TrainReply, label_of, mean_scores, update_norm
 
 
 class FederationError(RwftError):
@@ -44,11 +45,17 @@ class FederationError(RwftError):
 
 @dataclass
 class Evaluation:
-    """How the sites scored one round's global model on their validation splits."""
+    """How the sites scored one round's global model on their validation splits (scope ``global_val``)."""
 
     round: int
     sites: dict[str, dict[str, float]]  # site label -> its scores
-    aggregate: dict[str, float]  # weighted by each site's number of validation images
+    val_examples: dict[str, int]  # site label -> its validation images
+    aggregate: dict[str, float]  # weighted by each site's number of validation images (``mean_scores``)
+
+    @classmethod
+    def of(cls, server_round: int, sites: dict[str, tuple[dict[str, float], int]]) -> Evaluation:
+        return cls(server_round, {label: scores for label, (scores, _) in sites.items()},
+                   {label: count for label, (_, count) in sites.items()}, mean_scores(sites.values()))
 
 
 @dataclass
@@ -57,8 +64,8 @@ class SiteResult:
 
     label: str
     node_id: int
-    train: dict[str, float] = field(default_factory=dict)  # loss, examples, steps
-    local_val: dict[str, float] = field(default_factory=dict)  # its validation split after its training
+    train: dict[str, float] = field(default_factory=dict)  # scope ``train``: loss, steps, num-examples
+    local_val: dict[str, float] = field(default_factory=dict)  # scope ``local_val``
     update_l2: float | None = None  # ||site weights - global weights sent||
     error: str = ""  # why its reply failed, if it did
 
@@ -87,48 +94,60 @@ def run_rounds(
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts."""
     for server_round in range(first_round, last_round + 1):
-        started = time.monotonic()
         wait_for_sites(grid, min_sites, wait_timeout_s)
-        sites: dict[int, SiteResult] = {}
-        received: dict[str, dict[str, float]] = {}
-        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                           round_timeout_s)
-        for reply in replies:
-            site = _site(sites, reply)
-            if reply.has_error():
-                site.error = reply.error.reason or f"error code {reply.error.code}"
-                continue
-            for key, value in _numbers(reply.content.metric_records).items():
-                if key.startswith(RECEIVED_PREFIX):
-                    received.setdefault(site.label, {})[key.removeprefix(RECEIVED_PREFIX)] = value
-                elif key.startswith("val-"):
-                    site.local_val[key.removeprefix("val-")] = value
-                else:
-                    site.train[key.removeprefix("train-")] = value
-            if "arrays" in reply.content:
-                site.update_l2 = update_norm(arrays, reply.content["arrays"])
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is None:
-            raise FederationError(f"round {server_round}: no usable training reply; site errors: "
-                                  + "; ".join(f"{s.label}: {s.error}" for s in sites.values() if s.error))
-        arrays = new_arrays
-        on_round(RoundResult(server_round, arrays, _floats(train_metrics),
-                             sorted(sites.values(), key=lambda s: s.label),
-                             Evaluation(server_round - 1, received, _weighted_mean(received)),
-                             time.monotonic() - started))
+        result = run_round(grid, strategy, arrays, server_round, round_timeout_s)
+        arrays = result.arrays
+        on_round(result)
     return arrays
+
+
+def run_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, server_round: int,
+              timeout_s: float) -> RoundResult:
+    """One round: the strategy's instructions out, the sites' replies read, then aggregated by the strategy."""
+    started = time.monotonic()
+    replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout_s)
+    sites, received = read_train_replies(replies, arrays)
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    if new_arrays is None:
+        raise FederationError(f"round {server_round}: no usable training reply; site errors: "
+                              + "; ".join(f"{s.label}: {s.error}" for s in sites if s.error))
+    return RoundResult(server_round, new_arrays, _floats(train_metrics), sites,
+                       Evaluation.of(server_round - 1, received), time.monotonic() - started)
+
+
+def read_train_replies(replies: Iterable[Message], sent: ArrayRecord
+                       ) -> tuple[list[SiteResult], dict[str, tuple[dict[str, float], int]]]:
+    """Each site's training report, and its scores of the model it received (label -> scores, val images)."""
+    sites: dict[int, SiteResult] = {}
+    received: dict[str, tuple[dict[str, float], int]] = {}
+    for message in replies:
+        site = _site(sites, message)
+        if message.has_error():
+            site.error = message.error.reason or f"error code {message.error.code}"
+            continue
+        reply = TrainReply.from_record(message.content)
+        site.train = {**reply.train, "num-examples": float(reply.num_examples)}
+        site.local_val = reply.local_val
+        received[site.label] = (reply.global_val, reply.val_examples)
+        if len(reply.arrays):
+            site.update_l2 = update_norm(sent, reply.arrays)
+    return sorted(sites.values(), key=lambda s: s.label), received
 
 
 def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord,
                    timeout_s: float) -> Evaluation:
-    """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits."""
-    scores: dict[int, SiteResult] = {}
-    sites: dict[str, dict[str, float]] = {}
-    replies = exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout_s)
-    for reply in replies:
-        if not reply.has_error():
-            sites[_site(scores, reply).label] = _numbers(reply.content.metric_records)
-    return Evaluation(server_round, sites, _floats(strategy.aggregate_evaluate(server_round, replies)))
+    """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits.
+
+    The aggregate is ``mean_scores``, as for the scores that come with each round's
+    training replies, so that the final point of a curve is averaged like the others.
+    """
+    nodes: dict[int, SiteResult] = {}
+    sites: dict[str, tuple[dict[str, float], int]] = {}
+    for message in exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout_s):
+        if not message.has_error():
+            reply = EvaluateReply.from_record(message.content)
+            sites[_site(nodes, message).label] = (reply.global_val, reply.val_examples)
+    return Evaluation.of(server_round, sites)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[Message]:
@@ -159,27 +178,10 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> None:
 def _site(sites: dict[int, SiteResult], reply: Message) -> SiteResult:
     node_id = reply.metadata.src_node_id
     if node_id not in sites:
-        label = ""
-        if not reply.has_error() and "site" in reply.content.config_records:
-            label = str(reply.content.config_records["site"].get("label", ""))
+        label = "" if reply.has_error() else label_of(reply.content)
         # The label becomes a TensorBoard tag: anything but a valid pseudonym is replaced by the node id.
         sites[node_id] = SiteResult(label if SITE_LABEL.match(label) else f"node-{node_id}", node_id)
     return sites[node_id]
-
-
-def _weighted_mean(sites: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Each score averaged over the sites, weighted by their validation images (NaN scores left out)."""
-    mean: dict[str, float] = {}
-    for key in sorted({key for scores in sites.values() for key in scores} - {"num-examples"}):
-        pairs = [(scores[key], scores.get("num-examples", 1.0)) for scores in sites.values()
-                 if not math.isnan(scores.get(key, math.nan))]
-        if pairs and sum(weight for _, weight in pairs) > 0:
-            mean[key] = sum(value * weight for value, weight in pairs) / sum(weight for _, weight in pairs)
-    return mean
-
-
-def _numbers(records: Mapping[str, MetricRecord]) -> dict[str, float]:
-    return {key: value for record in records.values() for key, value in _floats(record).items()}
 
 
 def _floats(record: MetricRecord | None) -> dict[str, float]:

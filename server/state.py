@@ -118,19 +118,46 @@ def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: np.array(array.numpy(), copy=True) for name, array in record.items()}
 
 
-def strategy_state(strategy: Strategy) -> dict[str, Any]:
-    """What a strategy learns across rounds: its attributes that hold arrays.
+WRAPPED_KEY = "__wrapped__"  # the state of the strategy a wrapper holds (Flower's DP wrappers: ``.strategy``)
+# What Flower's own strategies learn that is not an array: the adaptive DP clipping norm,
+# which moves every round (Andrew et al. 2021). rwft's strategies say it themselves.
+LEARNED_BY_FLOWER = {"DifferentialPrivacyServerSideAdaptiveClipping": ("clipping_norm",),
+                     "DifferentialPrivacyClientSideAdaptiveClipping": ("clipping_norm",)}
 
-    Flower's strategies keep their configuration in plain attributes (rebuilt from the
-    config on resume) and what they learn in numpy arrays or dicts of them (FedAdam's and
-    FedYogi's moments ``m_t``/``v_t``, FedAvgM's momentum). Those are saved, by attribute name.
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """What a strategy learns across rounds, by attribute name, so that a resumed federation goes on with it.
+
+    Strategies keep their configuration in plain attributes (rebuilt from the config on
+    resume) and what they learn in
+
+    - numpy arrays or dicts/lists of them (FedAdam's and FedYogi's moments ``m_t``/``v_t``,
+      FedAvgM's momentum, FedDyn's ``h``): saved whatever their name;
+    - other values (a round counter, an adaptive clipping norm): saved when the strategy
+      names them in a ``learned_attributes`` tuple (``rwft.plugins.strategies_feddyn``), or
+      for Flower's own strategies, in ``LEARNED_BY_FLOWER``;
+    - a strategy it wraps (``.strategy``, as Flower's DP wrappers hold it): saved under
+      ``WRAPPED_KEY``, by the same rules.
+
+    Private attributes (``_name``) are working memory within a round and never saved.
     """
-    return {name: value for name, value in vars(strategy).items() if _holds_arrays(value)}
+    attributes = vars(strategy)
+    learned = (*getattr(strategy, "learned_attributes", ()), *LEARNED_BY_FLOWER.get(type(strategy).__name__, ()))
+    state = {name: value for name, value in attributes.items()
+             if not name.startswith("_") and (_holds_arrays(value) or name in learned)}
+    wrapped = attributes.get("strategy")
+    if wrapped is not None and hasattr(wrapped, "aggregate_train"):
+        state[WRAPPED_KEY] = strategy_state(wrapped)
+    return state
 
 
 def restore_strategy(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put what ``strategy_state`` saved back into a freshly built strategy."""
     for name, value in state.items():
-        setattr(strategy, name, value)
+        if name == WRAPPED_KEY:
+            restore_strategy(strategy.strategy, value)  # type: ignore[attr-defined]
+        else:
+            setattr(strategy, name, value)
 
 
 def _holds_arrays(value: Any) -> bool:

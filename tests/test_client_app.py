@@ -112,22 +112,33 @@ def test_fedbn_keeps_batchnorm_layers_at_the_site_across_rounds_and_resumed_runs
     assert (site.work_dir / "local-weights" / "fed1.pt").is_file()
 
 
-def test_proximal_mu_from_the_round_config_reaches_the_engine(run_config, monkeypatch):
+def test_fedprox_site_half_adds_the_proximal_term_with_the_mu_the_server_sent(run_config, monkeypatch):
     seen = {}
     real_fit = client_module.fit
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
+        seen["terms"] = [float(term().detach()) for term in kwargs["loss_terms"]]  # at the received weights: zero
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(client_module, "fit", spy)
-    context = Context(1, 9, {"partition-id": 1, "num-partitions": 2}, RecordDict(), run_config())
+    context = Context(1, 9, {"partition-id": 1, "num-partitions": 2}, RecordDict(),
+                      run_config("federation.strategy=fedprox"))
     arrays = shared_arrays(site_for(context).model, local_bn=False)
     reply = client_module.app(_message(arrays, **{"proximal-mu": 0.25}), context)
-    assert seen["proximal_mu"] == 0.25 and seen["epochs"] == 1
+    assert seen["epochs"] == 1 and seen["terms"] == [0.0]
+    term = seen["loss_terms"][0]
+    assert term.__self__.mu == 0.25 and float(term().detach()) > 0  # trained away from the anchor: the term pulls back
     metrics = reply.content["metrics"]
-    assert {"num-examples", "train-loss", "val-auroc", "received-auroc", "received-num-examples"} <= set(metrics)
+    assert {"num-examples", "val-num-examples", "train/loss", "train/steps", "local_val/auroc",
+            "global_val/auroc", "global_val/loss"} <= set(metrics)
+    assert not [key for key in metrics if key.startswith(("received-", "val-auroc"))]  # the old names are gone
     assert STATISTICS_KEY in reply.content["arrays"]
+    # FedAvg's sites train plainly, whatever the server sends.
+    monkeypatch.setattr(client_module, "fit", spy)
+    client_module.app(_message(arrays, **{"proximal-mu": 0.25}),
+                      Context(1, 9, {"partition-id": 1, "num-partitions": 2}, RecordDict(), run_config()))
+    assert seen["loss_terms"] == []
 
 
 def test_evaluate_scores_the_global_model_on_the_sites_validation_split(run_config):
@@ -135,5 +146,18 @@ def test_evaluate_scores_the_global_model_on_the_sites_validation_split(run_conf
     site = site_for(context)
     reply = client_module.app(_message(shared_arrays(site.model, local_bn=False), "evaluate"), context)
     metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == len(site.splits.val) and 0.0 <= metrics["auroc"] <= 1.0
+    assert metrics["num-examples"] == metrics["val-num-examples"] == len(site.splits.val)
+    assert 0.0 <= metrics["global_val/auroc"] <= 1.0
     assert "arrays" not in reply.content
+
+
+def test_a_site_evicted_from_the_cache_closes_its_tensorboard_writer(run_config, monkeypatch):
+    import rwft.clients.site as site_module
+
+    monkeypatch.setattr(site_module, "CACHED_SITES", 1)
+    rc = run_config()
+    first = site_for(Context(1, 9, {"partition-id": 0, "num-partitions": 2}, RecordDict(), rc))
+    writer = first.logger().writer
+    assert writer.file_writer is not None
+    site_for(Context(1, 9, {"partition-id": 1, "num-partitions": 2}, RecordDict(), rc))  # evicts the first
+    assert writer.file_writer is None  # SummaryWriter.close() ran: its event file is flushed and closed

@@ -1,5 +1,7 @@
-"""rwft's adjustments to Flower's SuperNode loop (``rwft.federation.flower_compat``) still apply to
-the installed Flower, and a stray reply can no longer hold back the next one."""
+"""rwft's adjustments to Flower (``rwft.federation.flower_compat``) still apply to the installed
+Flower, a stray reply can no longer hold back the next one, and when Flower drifts (another
+release series, a changed signature) each adjustment is dropped with a message saying what is
+lost, while Flower runs unchanged."""
 
 from __future__ import annotations
 
@@ -8,7 +10,18 @@ import sys
 import textwrap
 import time
 
-from rwft.federation.flower_compat import POLL_S, _or_waiting_reply
+import pytest
+
+from rwft.federation.flower_compat import (
+    POLL_S,
+    STRAY_REPLY,
+    SUPERNODE_WAITS,
+    WARM_WORKER,
+    _or_waiting_reply,
+    gate,
+    runtime_api,
+    signature_problem,
+)
 
 
 def _node_state_holding_a_reply(run_id: int):
@@ -30,7 +43,7 @@ def _node_state_holding_a_reply(run_id: int):
 
 
 def test_a_waiting_reply_is_pushed_even_when_no_message_comes():
-    no_message = _or_waiting_reply(lambda **kwargs: None)
+    no_message = _or_waiting_reply(lambda *, state: None)
     state = _node_state_holding_a_reply(run_id=42)
     assert no_message(state=state) == 42  # the loop then pushes it now ...
     # ... and the push finds it: it asks the state for replies not yet taken.
@@ -40,7 +53,7 @@ def test_a_waiting_reply_is_pushed_even_when_no_message_comes():
 
 def test_a_pulled_message_goes_first():
     state = _node_state_holding_a_reply(run_id=42)
-    assert _or_waiting_reply(lambda **kwargs: 7)(state=state) == 7
+    assert _or_waiting_reply(lambda *, state: 7)(state=state) == 7
     assert len(state.get_messages_legacy(is_reply=True)) == 1
 
 
@@ -50,7 +63,7 @@ def test_the_patches_apply_to_the_installed_flower():
         import time
         from rwft.federation.flower_compat import patch_grid, patch_supernode
         import flwr.supernode.start_client_internal as node_loop
-        assert patch_supernode() and patch_supernode() and patch_grid()
+        assert all(patch_supernode().values()) and all(patch_supernode().values()) and patch_grid()
         started = time.monotonic()
         node_loop.time.sleep(3)
         assert time.monotonic() - started < 1, "the 3 s idle wait is not capped"
@@ -61,3 +74,54 @@ def test_the_patches_apply_to_the_installed_flower():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr
     assert POLL_S < 1
+
+
+def test_the_warm_workers_flower_internals_are_the_ones_rwft_was_written_for():
+    api = runtime_api()
+    assert api is not None and callable(api.push_message) and callable(api.pull_and_inflate_object_from_tree)
+
+
+def test_another_flower_series_turns_each_adjustment_off_and_says_what_is_lost(capsys):
+    assert gate(SUPERNODE_WAITS, [], version="1.42.3")
+    assert not gate(SUPERNODE_WAITS, [], version="1.43.0")
+    said = capsys.readouterr().err
+    assert "the SuperNode's capped waits is off (Flower 1.43.0 is not the 1.42.* series" in said
+    assert "polls every 3 s" in said and "Flower itself runs unchanged" in said
+    assert runtime_api(version="2.0.0") is None  # rwft-client then runs Flower's stock launcher
+    assert "the warm ClientApp worker is off" in capsys.readouterr().err
+
+
+def test_a_changed_signature_turns_the_adjustment_off(capsys, monkeypatch):
+    def pull_and_store(state, object_store, node_config, receive, *, timeout):  # a later Flower's, say
+        return None
+
+    assert "takes (state, object_store, node_config, receive, timeout)" in signature_problem(
+        "_pull_and_store_message", pull_and_store, ("state", "object_store"))
+    assert not gate(STRAY_REPLY, [("_pull_and_store_message", pull_and_store, ("state", "object_store"))])
+    assert "a site may answer the resumed federation with a stale reply" in capsys.readouterr().err
+    monkeypatch.setenv("RWFT_FLOWER_ADJUSTMENTS", "off")
+    assert not gate(WARM_WORKER, [])
+    assert "RWFT_FLOWER_ADJUSTMENTS=off" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_a_drifted_supernode_keeps_its_other_adjustments_and_stays_stock_where_it_drifted():
+    # In a fresh interpreter: Flower's _pull_and_store_message "changed" before rwft patches.
+    code = textwrap.dedent("""
+        import time
+        import flwr.supernode.start_client_internal as node_loop
+        stock = node_loop._pull_and_store_message
+        def changed(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm):
+            return stock(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm, None)
+        node_loop._pull_and_store_message = changed
+        from rwft.federation.flower_compat import patch_supernode
+        applied = patch_supernode()
+        assert applied == {"the SuperNode's capped waits": True, "the SuperNode's push of a waiting reply": False}
+        assert node_loop._pull_and_store_message is changed  # left as Flower has it
+        assert node_loop.time.sleep is not time.sleep  # the waits are still capped
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.stdout.strip() == "ok", done.stderr
+    assert "the SuperNode's push of a waiting reply is off (start_client_internal._pull_and_store_message takes " \
+        "(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm)" in done.stderr

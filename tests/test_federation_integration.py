@@ -50,7 +50,7 @@ def test_three_rounds_improve_the_global_model(federation):
         assert set(record["sites"]) == {"hospitalA", "hospitalB"}
         for site in record["sites"].values():
             assert site["update_l2"] > 0 and site["train"]["num-examples"] > 0
-            assert 0.0 <= site["val"]["auroc"] <= 1.0  # the round's global model on the site's validation split
+            assert 0.0 <= site["global_val"]["auroc"] <= 1.0  # the round's global model on the site's validation split
     assert "final" in metrics and 0.5 < metrics["final"]["test"]["auroc"]["value"] <= 1.0
     assert "rwft-server: done." in log and str(work / "run" / "model.pt") in log
 
@@ -70,7 +70,7 @@ def test_central_tensorboard_shows_the_whole_federation(federation):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("global/auroc", "global/accuracy", "global/sensitivity", "global/specificity",
-                "federation/participating_sites", "site/hospitalA/train/loss", "site/hospitalB/val/auroc",
+                "federation/participating_sites", "site/hospitalA/train/loss", "site/hospitalB/global_val/auroc",
                 "site/hospitalA/local_val/auroc", "site/hospitalB/update_l2"):
         assert tag in tags, sorted(tags)
     assert [e.step for e in events.Scalars("global/auroc")] == [0, 1, 2, 3]

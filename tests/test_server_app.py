@@ -33,9 +33,9 @@ def test_every_round_is_committed_with_the_sites_scores_of_its_model(finished):
     assert metrics["complete"] and [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     for record in metrics["rounds"]:  # round 0 included: the sites scored the starting model too
         assert set(record["global"]) == {"auroc", "accuracy", "sensitivity", "specificity", "loss"}
-        assert {name: set(site["val"]) >= {"auroc", "num-examples"} for name, site in record["sites"].items()} \
+        assert {name: set(site["global_val"]) >= {"auroc", "loss"} for name, site in record["sites"].items()} \
             == {"site-0": True, "site-1": True}
-        assert set(record["evaluate"]) >= {"auroc", "accuracy"}
+        assert set(record["global_val"]) >= {"auroc", "accuracy"}
     assert metrics["final"]["test"]["num_examples"] == 624  # PneumoniaMNIST's official test split
     assert load_state(finished).round == 2
 
@@ -44,10 +44,36 @@ def test_the_central_tensorboard_log_reads_back(finished):
     events = EventAccumulator(str(finished / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"global/auroc", "federation/participating_sites", "federation/evaluate/auroc",
-            "site/site-0/val/auroc", "site/site-1/update_l2", "site/site-0/train/loss", "test/auroc"} <= scalars
-    assert [e.step for e in events.Scalars("site/site-0/val/auroc")] == [0, 1, 2]
+    assert {"global/auroc", "federation/participating_sites", "federation/global_val/auroc",
+            "site/site-0/global_val/auroc", "site/site-1/update_l2", "site/site-0/train/loss", "test/auroc"} <= scalars
+    assert [e.step for e in events.Scalars("site/site-0/global_val/auroc")] == [0, 1, 2]
     assert all(e.value > 0 for e in events.Scalars("site/site-1/update_l2"))
+
+
+def test_the_central_tensorboard_shows_each_quantity_once_correctly_weighted(finished):
+    """A site's score of the global model is one curve per site and one federation curve, averaged
+    by validation images; the training numbers are averaged by training images."""
+    events = EventAccumulator(str(finished / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    # Each quantity under one tag: no score averaged into the training aggregate, no old names.
+    assert not [tag for tag in scalars if tag.startswith("federation/train/") and
+                tag.removeprefix("federation/train/") not in ("loss", "steps", "num-examples")], sorted(scalars)
+    assert not [tag for tag in scalars if any(old in tag for old in ("received", "/val/", "evaluate", "val-"))]
+    metrics = json.loads((finished / "metrics.json").read_text())
+    for record in metrics["rounds"][1:]:
+        step, sites = record["round"], record["sites"]
+        shown = {e.step: e.value for e in events.Scalars("federation/global_val/loss")}
+        val_images = {name: site["val-num-examples"] for name, site in sites.items()}
+        expected = sum(site["global_val"]["loss"] * val_images[name] for name, site in sites.items()) \
+            / sum(val_images.values())
+        assert shown[step] == pytest.approx(expected, rel=1e-5)
+        train_images = {name: site["train"]["num-examples"] for name, site in sites.items()}
+        expected_loss = sum(site["train"]["loss"] * train_images[name] for name, site in sites.items()) \
+            / sum(train_images.values())
+        assert {e.step: e.value for e in events.Scalars("federation/train/loss")}[step] == \
+            pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["complete"]
 
 
 def test_the_global_model_is_an_rwft_checkpoint(finished):
@@ -79,3 +105,18 @@ def test_a_resumed_federation_continues_after_its_last_round(tmp_path, pneumonia
     # Round 2 started from round 1's committed global weights.
     sent = next(m for m in grid.instructions if m.metadata.message_type == "train")
     np.testing.assert_array_equal(sent.content["arrays"]["weights"].numpy(), after_one.arrays["weights"])
+
+
+def test_building_a_federation_has_no_side_effects(tmp_path, pneumoniamnist_npz):
+    import torch
+
+    from rwft.server.app import Federation, make_strategy
+
+    cfg = load_config(None, [*TINY, f"data.root={pneumoniamnist_npz}", f"output_dir={tmp_path / 'run'}"])
+    rng = torch.random.get_rng_state()
+    federation = Federation(cfg, 2, make_strategy(cfg))
+    assert not (tmp_path / "run").exists()  # no TensorBoard writer, no file
+    assert torch.equal(torch.random.get_rng_state(), rng)  # no global seeding
+    assert federation.holdout is None  # no data loaded
+    with federation.open():
+        assert (tmp_path / "run" / "tb").is_dir() and federation.holdout is not None

@@ -64,6 +64,36 @@ def test_fedadam_moments_are_saved_and_restored_configuration_is_not():
     assert strategy_state(FedAvg()) == {}
 
 
+def test_learned_numbers_and_wrapped_strategies_survive_resume():
+    """Non-array state: FedDyn's site count, Flower's adaptive DP clipping norm and the FedAdam it wraps."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    from rwft.core.config import load_config
+    from rwft.server.app import make_strategy
+
+    cfg = load_config(None, ["federation.strategy=feddyn"])
+    feddyn = make_strategy(cfg)
+    feddyn.num_sites, feddyn.h = 3, {"weights": np.ones(4, np.float32)}
+    feddyn._sent = np.zeros(4)  # working memory of a round: not state
+    saved = strategy_state(feddyn)
+    assert set(saved) == {"num_sites", "h"}
+    fresh = make_strategy(cfg)
+    restore_strategy(fresh, saved)
+    assert fresh.num_sites == 3 and fresh.h["weights"].sum() == 4
+
+    def dp() -> DifferentialPrivacyServerSideAdaptiveClipping:
+        return DifferentialPrivacyServerSideAdaptiveClipping(FedAdam(), noise_multiplier=0.1,
+                                                              num_sampled_clients=2, initial_clipping_norm=0.1)
+
+    wrapper = dp()
+    wrapper.clipping_norm = 0.37  # adapted over some rounds
+    wrapper.strategy.m_t = {"weights": np.arange(3.0)}
+    resumed = dp()
+    restore_strategy(resumed, strategy_state(wrapper))
+    assert resumed.clipping_norm == 0.37 and "noise_multiplier" not in strategy_state(wrapper)
+    np.testing.assert_array_equal(resumed.strategy.m_t["weights"], [0.0, 1.0, 2.0])
+
+
 def test_a_run_directory_holds_one_federation(tmp_path):
     first = create_federation(tmp_path)
     assert create_federation(tmp_path) == first == federation_id(tmp_path)  # nothing completed yet: reuse

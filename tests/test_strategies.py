@@ -56,7 +56,7 @@ def test_each_built_in_strategy_runs_a_round(strategy, tmp_path, pneumoniamnist_
     final = metrics["rounds"][1]
     assert set(final["sites"]) == {"site-0", "site-1"}
     # The aggregated model is usable: every site scored it with a finite loss.
-    assert all(math.isfinite(site["val"]["loss"]) for site in final["sites"].values())
+    assert all(math.isfinite(site["global_val"]["loss"]) for site in final["sites"].values())
     if strategy == "fedprox":  # mu reached the sites in the round's config (the client hands it to fit)
         sent = [m.content["config"] for m in grid.instructions if m.metadata.message_type == "train"]
         assert sent and all(config["proximal-mu"] == 0.01 for config in sent)
