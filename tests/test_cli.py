@@ -50,9 +50,10 @@ def test_missing_data_says_how_to_point_rwft_at_it(tmp_path, monkeypatch, capsys
 
 
 def test_no_data_anywhere_says_every_way_to_provide_it(tmp_path, monkeypatch, capsys):
+    # Only the 28 px copy ships with rwft: a larger size needs data or MedMNIST's downloader.
     monkeypatch.delenv("RWFT_DATA_DIR", raising=False)
     monkeypatch.setitem(sys.modules, "medmnist", None)  # offline machine without MedMNIST's downloader
-    assert main(["train", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert main(["train", "data.medmnist_size=64", f"output_dir={tmp_path / 'run'}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "data.root=/path/to/pneumoniamnist.npz" in err and "RWFT_DATA_DIR" in err
 
