@@ -59,7 +59,7 @@ def test_killed_server_resumes_after_its_last_completed_round(tmp_path, pneumoni
 
     log = resumed.text()
     assert f"resuming after round {crashed_at.round} of 3" in log
-    assert "TLS, sites join with --root-certificates" in log and "admitting only the sites with a key in" in log
+    assert "(TLS)" in log and "--root-certificates ca.crt" in log and "admitting only the sites with a key in" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3] and metrics["complete"]
     assert all(set(r["sites"]) == set(names) for r in metrics["rounds"][1:])  # both came back after the crash
