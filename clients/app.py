@@ -36,7 +36,9 @@ from rwft.core.config import with_overrides
 from rwft.core.data import ImageSplit
 from rwft.core.engine import evaluate_split, fit
 from rwft.core.model import RwftModel
+from rwft.federation.attacks import attack_for, poison_data, poison_update
 from rwft.federation.protocol import RECEIVED_PREFIX, shared_arrays
+from rwft.federation.update_checks import rejection_notice
 
 app = ClientApp()
 
@@ -66,6 +68,8 @@ def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
     config = msg.content.config_records["config"]
     server_round = int(_number(config, "server-round", 0))
+    _show_rejection(site, config, server_round)
+    attack = attack_for(site.cfg.federation.attack, site.label, context.node_config)  # simulated sites only
     model = site.model_for_round(context, msg.content.array_records["arrays"])
     # The model as received is the previous round's global model: score it first, so that
     # the server needs no separate evaluation exchange per round (rwft.server.rounds).
@@ -73,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
     site.logger().scalars(received, server_round - 1, prefix="global_val")
     # fit draws each epoch's shuffle and augmentation from the seed: a new one every round.
     round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + server_round}"])
-    result = fit(model, site.splits, round_cfg, epochs=site.cfg.federation.local_epochs, device=site.device,
+    result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs, device=site.device,
                  proximal_mu=_number(config, "proximal-mu", 0.0))
     site.keep_local_weights(context)
     val = _val_metrics(result.val)
@@ -86,7 +90,9 @@ def train(msg: Message, context: Context) -> Message:
                                "steps": result.steps, f"{RECEIVED_PREFIX}num-examples": len(site.splits.val)}
     metrics |= {f"val-{name}": value for name, value in val.items()}
     metrics |= {f"{RECEIVED_PREFIX}{name}": value for name, value in received.items()}
-    return _reply(msg, site, MetricRecord(metrics), shared_arrays(model, site.cfg.federation.local_bn))
+    arrays = poison_update(msg.content.array_records["arrays"], shared_arrays(model, site.cfg.federation.local_bn),
+                           attack, seed=site.cfg.seed + server_round)
+    return _reply(msg, site, MetricRecord(metrics), arrays)
 
 
 @app.evaluate()
@@ -94,6 +100,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
     server_round = int(_number(msg.content.config_records["config"], "server-round", 0))
+    _show_rejection(site, msg.content.config_records["config"], server_round)
     model = site.model_for_round(context, msg.content.array_records["arrays"])
     val = _val_metrics(_score(model, site.splits.val, site))
     site.logger().scalars(val, server_round, prefix="global_val")
@@ -108,6 +115,14 @@ def _number(config: ConfigRecord, key: str, default: float) -> float:
     if not isinstance(value, (int, float)):
         raise ValueError(f"the server sent {key}={value!r}, not a number")
     return float(value)
+
+
+def _show_rejection(site: Site, config: ConfigRecord, server_round: int) -> None:
+    """Tell the site's operator that the server left its last reply out of the aggregate, and why."""
+    notice = rejection_notice(config)
+    if notice:
+        print(f"rwft site {site.label}: {notice}", file=sys.stderr, flush=True)
+        site.logger().text("federation/rejected", notice, server_round)
 
 
 def _score(model: RwftModel, split: ImageSplit, site: Site) -> dict[str, float]:

@@ -29,6 +29,7 @@ class ModelConfig:
     adapter: str = "replicate"  # grayscale -> 3 channels: replicate | conv1x1 | weightsum
     mode: str = "full"  # full (fine-tune everything) | probe (frozen backbone, train the head)
     dropout: float = 0.2
+    batchnorm: str = "train"  # train | frozen (ImageNet statistics kept, affine fixed; needed by train.dp/federation.dp)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks
     num_threads: int | None = None  # torch CPU threads; None = torch's default
+    dp: DPConfig = field(default_factory=lambda: DPConfig())  # sample-level DP-SGD of `rwft train` (Opacus)
 
 
 @dataclass
@@ -77,6 +79,10 @@ class FederationConfig:
     round_timeout_s: float = 3600.0  # a round goes on with the replies it has after this long
     sites: int = 3  # rwft simulate: how many hospitals to simulate
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
+    dp: DPConfig = field(default_factory=lambda: DPConfig())  # sample-level DP-SGD at every site (Opacus)
+    server_dp: ServerDPConfig = field(default_factory=lambda: ServerDPConfig())  # user-level DP (strategy=dp-fedavg)
+    update_checks: UpdateChecksConfig = field(default_factory=lambda: UpdateChecksConfig())
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig())  # simulated adversarial sites
 
 
 @dataclass
@@ -94,6 +100,10 @@ _CHOICES = {
     "data.on_bad_file": ("error", "skip"),
     "train.schedule": ("onecycle", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "model.batchnorm": ("train", "frozen"),
+    "train.dp.accountant": ("prv", "rdp"),
+    "federation.dp.accountant": ("prv", "rdp"),
+    "federation.attack.kind": ("none", "nan", "scale", "signflip", "noise", "labelflip"),
 }
 
 
@@ -181,3 +191,53 @@ def with_overrides(cfg: RwftConfig, overrides: Sequence[str]) -> RwftConfig:
     _check_choices(merged)
     OmegaConf.set_readonly(merged, True)
     return merged  # type: ignore[return-value]
+
+
+# Privacy and trust settings (rwft.core.privacy, rwft.federation.update_checks, rwft.federation.attacks).
+
+
+@dataclass
+class DPConfig:
+    """Sample-level differential privacy: DP-SGD (Opacus) on one training set (a site's, or rwft train's).
+
+    Give ``noise_multiplier``, or ``target_epsilon`` and the noise is chosen so that the
+    planned training spends exactly that budget; with both, the noise is as given and
+    ``target_epsilon`` is a cap. Training that would spend more than ``target_epsilon``
+    stops with ``PrivacyBudgetExhausted``. Needs ``model.batchnorm=frozen``.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = None  # sigma: Gaussian noise std / max_grad_norm
+    target_epsilon: float | None = None  # the (epsilon, delta) budget of the whole run
+    delta: float | None = None  # default: 1 / (10 * training images), below 1/N as DP requires
+    max_grad_norm: float = 1.0  # each example's gradient is clipped to this L2 norm
+    accountant: str = "prv"  # prv (tighter) | rdp
+
+
+@dataclass
+class ServerDPConfig:
+    """User-level DP at the server (strategy ``dp-fedavg``): each site's update clipped, Gaussian noise added."""
+
+    noise_multiplier: float = 1.0  # noise std / clipping_norm, on the sum of the sampled sites' updates
+    clipping_norm: float = 1.0  # each site's update of the shared weights is clipped to this L2 norm
+    delta: float = 1e-5
+
+
+@dataclass
+class UpdateChecksConfig:
+    """Every training reply is checked before aggregation (``rwft.federation.update_checks``)."""
+
+    enabled: bool = True
+    # An update norm above max(median + norm_mad_k * MAD, norm_min_ratio * median) of the
+    # round's updates is rejected (needs at least 3 replies; MAD scaled to a normal's std).
+    norm_mad_k: float = 6.0
+    norm_min_ratio: float = 3.0
+
+
+@dataclass
+class AttackConfig:
+    """Simulated adversarial sites (``rwft simulate`` and in-process federations only)."""
+
+    sites: list[str] = field(default_factory=list)  # labels of the attacking sites, e.g. [site-0]
+    kind: str = "none"  # none | nan | scale | signflip | noise | labelflip
+    factor: float = 10.0  # scale: update times factor; signflip: -factor; noise: std = factor * update norm

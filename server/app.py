@@ -29,6 +29,7 @@ from rwft.core.plugins import Registries, get_registries
 from rwft.core.tblog import RunLogger
 from rwft.federation.flower_compat import patch_grid
 from rwft.federation.protocol import NUM_CLASSES_KEY, RESUME_KEY, config_from_run, load_shared, shared_arrays
+from rwft.federation.update_checks import Rejection
 from rwft.server.central_view import attach_evaluation, log_evaluation, log_round, round_record, round_summary
 from rwft.server.holdout import Holdout
 from rwft.server.rounds import Evaluation, RoundResult, evaluate_model, run_rounds
@@ -84,9 +85,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
             min_sites=cfg.federation.min_sites, wait_timeout_s=cfg.federation.wait_timeout_s,
             round_timeout_s=cfg.federation.round_timeout_s,
             on_round=lambda result: federation.commit(result.round, result.arrays, result),
+            update_checks=cfg.federation.update_checks,
         )
         federation.finish(evaluate_model(grid, federation.strategy, cfg.federation.rounds, arrays,
-                                         cfg.federation.round_timeout_s), arrays)
+                                         cfg.federation.round_timeout_s, federation.last_rejected), arrays)
     return arrays
 
 
@@ -103,10 +105,12 @@ class Federation:
         self.class_names = self.holdout.splits.class_names if self.holdout else DEFAULT_CLASS_NAMES
         self.history: list[dict[str, Any]] = []
         self.logger = RunLogger(self.run_dir / "tb")
+        self.last_rejected: list[Rejection] = []  # told to their sites with the final evaluation
 
     def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None) -> None:
         """Score, checkpoint, then log round ``server_round`` (``result`` is ``None`` for round 0)."""
         record = round_record(server_round, self.holdout.evaluate(arrays) if self.holdout else {}, result)
+        self.last_rejected = result.rejected if result is not None else []
         if result is not None and self.history:  # the sites' scores of the previous round's model
             attach_evaluation(self.history[-1], result.previous_model)
         self.history.append(record)

@@ -11,7 +11,10 @@ One ``tensorboard --logdir RUN_DIR/tb`` shows, per round (the TensorBoard step):
 - per site: ``site/<name>/train/*`` (its training loss and example count),
   ``site/<name>/local_val/*`` (its validation split after its local training),
   ``site/<name>/val/*`` (the round's global model on its validation split) and
-  ``site/<name>/update_l2`` (the L2 norm of its update).
+  ``site/<name>/update_l2`` (the L2 norm of its update);
+- ``federation/rejected_replies`` and, as text, ``federation/rejected``: the replies the
+  update checks left out of the round and why (``rwft.federation.update_checks``; in
+  ``metrics.json`` each round's ``rejected`` lists round, site and reason).
 
 The sites score a round's global model when it reaches them, with the next round's
 training message (``rwft.server.rounds``), so ``val`` and ``evaluate`` of round r are
@@ -40,6 +43,7 @@ def round_record(server_round: int, global_metrics: dict[str, float], result: Ro
         if site.error:
             entry["error"] = site.error
         record["sites"][site.label] = entry
+    record["rejected"] = [rejection.as_record() for rejection in result.rejected]
     return record
 
 
@@ -60,6 +64,10 @@ def log_round(logger: RunLogger, record: dict[str, Any]) -> None:
         logger.scalar("federation/round_seconds", record["seconds"], step)
         logger.text("federation/sites", ", ".join(trained) or "(none)", step)
         logger.scalars(record["train"], step, prefix="federation/train")
+        logger.scalar("federation/rejected_replies", len(record.get("rejected", [])), step)
+        if record.get("rejected"):
+            logger.text("federation/rejected", "\n\n".join(f"{r['site']}: {r['reason']}" for r in record["rejected"]),
+                        step)
         for name, site in record["sites"].items():
             logger.scalars(site.get("train", {}), step, prefix=f"site/{name}/train")
             logger.scalars(site.get("local_val", {}), step, prefix=f"site/{name}/local_val")
@@ -86,6 +94,8 @@ def round_summary(record: dict[str, Any], last_round: int, previous: Evaluation 
         failed = [f"{name}: {site['error']}" for name, site in record["sites"].items() if site.get("error")]
         if failed:
             parts.append("failed: " + "; ".join(failed))
+        if record.get("rejected"):
+            parts.append("rejected: " + "; ".join(f"{r['site']}: {r['reason']}" for r in record["rejected"]))
     if record["global"]:
         parts.append("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in record["global"].items()))
     if previous is not None and "auroc" in previous.aggregate:

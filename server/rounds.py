@@ -24,6 +24,7 @@ would wait silently without end), and a round goes on with the replies it has af
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,9 +34,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from rwft.core.config import UpdateChecksConfig
 from rwft.core.errors import RwftError
 from rwft.federation.flower_compat import POLL_S
-from rwft.federation.protocol import RECEIVED_PREFIX, SITE_LABEL, update_norm
+from rwft.federation.protocol import RECEIVED_PREFIX, SITE_LABEL
+from rwft.federation.update_checks import Rejection, check_replies, finite_arrays, tell_rejected_sites
 
 
 class FederationError(RwftError):
@@ -71,6 +74,7 @@ class RoundResult:
     sites: list[SiteResult]
     previous_model: Evaluation  # the sites' scores of the model they received (round - 1's)
     seconds: float
+    rejected: list[Rejection] = field(default_factory=list)  # replies left out (rwft.federation.update_checks)
 
 
 def run_rounds(
@@ -84,16 +88,27 @@ def run_rounds(
     wait_timeout_s: float,
     round_timeout_s: float,
     on_round: Callable[[RoundResult], None],
+    update_checks: UpdateChecksConfig | None = None,
 ) -> ArrayRecord:
-    """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts."""
+    """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts.
+
+    Every reply is checked before the strategy sees it (``rwft.federation.update_checks``);
+    a rejected site is told with its next instruction. An aggregate that is not finite is
+    never kept: the round then keeps the global model it started from.
+    """
+    rules = update_checks or UpdateChecksConfig()
+    rejected: list[Rejection] = []
     for server_round in range(first_round, last_round + 1):
         started = time.monotonic()
         wait_for_sites(grid, min_sites, wait_timeout_s)
         sites: dict[int, SiteResult] = {}
         received: dict[str, dict[str, float]] = {}
-        replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                           round_timeout_s)
-        for reply in replies:
+        instructions = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = exchange(grid, tell_rejected_sites(instructions, rejected), round_timeout_s)
+        checked = check_replies(replies, arrays, rules, server_round=server_round,
+                                label_of=functools.partial(_label, sites))
+        rejected = checked.rejected
+        for reply in checked.accepted:
             site = _site(sites, reply)
             if reply.has_error():
                 site.error = reply.error.reason or f"error code {reply.error.code}"
@@ -105,9 +120,14 @@ def run_rounds(
                     site.local_val[key.removeprefix("val-")] = value
                 else:
                     site.train[key.removeprefix("train-")] = value
-            if "arrays" in reply.content:
-                site.update_l2 = update_norm(arrays, reply.content["arrays"])
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            site.update_l2 = checked.update_l2.get(reply.metadata.src_node_id)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, checked.accepted)
+        if new_arrays is not None and not finite_arrays(new_arrays):
+            rejected = [*rejected, Rejection(server_round, "(aggregate)", -1, "the aggregate is not finite; the "
+                                             "round keeps the global model it started from")]
+            new_arrays = arrays
+        if new_arrays is None and rejected:
+            new_arrays = arrays  # every reply was rejected: nothing to aggregate, the model stays as it was
         if new_arrays is None:
             raise FederationError(f"round {server_round}: no usable training reply; site errors: "
                                   + "; ".join(f"{s.label}: {s.error}" for s in sites.values() if s.error))
@@ -115,20 +135,27 @@ def run_rounds(
         on_round(RoundResult(server_round, arrays, _floats(train_metrics),
                              sorted(sites.values(), key=lambda s: s.label),
                              Evaluation(server_round - 1, received, _weighted_mean(received)),
-                             time.monotonic() - started))
+                             time.monotonic() - started, rejected))
     return arrays
 
 
 def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord,
-                   timeout_s: float) -> Evaluation:
-    """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits."""
+                   timeout_s: float, rejected: list[Rejection] | None = None) -> Evaluation:
+    """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits.
+
+    ``rejected``: the last training round's rejections, told to their sites with this message.
+    Replies that cannot be averaged (other metric keys, no examples) are left out.
+    """
     scores: dict[int, SiteResult] = {}
     sites: dict[str, dict[str, float]] = {}
-    replies = exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout_s)
-    for reply in replies:
+    instructions = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    replies = exchange(grid, tell_rejected_sites(instructions, rejected or []), timeout_s)
+    checked = check_replies(replies, None, UpdateChecksConfig(), server_round=server_round,
+                            label_of=functools.partial(_label, scores))
+    for reply in checked.accepted:
         if not reply.has_error():
             sites[_site(scores, reply).label] = _numbers(reply.content.metric_records)
-    return Evaluation(server_round, sites, _floats(strategy.aggregate_evaluate(server_round, replies)))
+    return Evaluation(server_round, sites, _floats(strategy.aggregate_evaluate(server_round, checked.accepted)))
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[Message]:
@@ -165,6 +192,10 @@ def _site(sites: dict[int, SiteResult], reply: Message) -> SiteResult:
         # The label becomes a TensorBoard tag: anything but a valid pseudonym is replaced by the node id.
         sites[node_id] = SiteResult(label if SITE_LABEL.match(label) else f"node-{node_id}", node_id)
     return sites[node_id]
+
+
+def _label(sites: dict[int, SiteResult], reply: Message) -> str:
+    return _site(sites, reply).label
 
 
 def _weighted_mean(sites: dict[str, dict[str, float]]) -> dict[str, float]:
