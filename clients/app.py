@@ -36,7 +36,9 @@ from rwft.core.config import with_overrides
 from rwft.core.data import ImageSplit
 from rwft.core.engine import evaluate_split, fit
 from rwft.core.model import RwftModel
+from rwft.core.privacy import load_state_file, save_state_file
 from rwft.federation.attacks import attack_for, poison_data, poison_update
+from rwft.federation.privacy import EPSILON_METRIC, site_dp_overrides
 from rwft.federation.protocol import RECEIVED_PREFIX, shared_arrays
 from rwft.federation.update_checks import rejection_notice
 
@@ -76,9 +78,11 @@ def train(msg: Message, context: Context) -> Message:
     received = _val_metrics(_score(model, site.splits.val, site))
     site.logger().scalars(received, server_round - 1, prefix="global_val")
     # fit draws each epoch's shuffle and augmentation from the seed: a new one every round.
-    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + server_round}"])
-    result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs, device=site.device,
-                 proximal_mu=_number(config, "proximal-mu", 0.0))
+    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + server_round}", *site_dp_overrides(site.cfg)])
+    dp_file = site.work_dir / "privacy" / f"{site.federation_id}.pt"  # epsilon spent carries across rounds
+    result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs,
+                 device=site.device, proximal_mu=_number(config, "proximal-mu", 0.0),
+                 privacy_state=load_state_file(dp_file), privacy_rounds=site.cfg.federation.rounds)
     site.keep_local_weights(context)
     val = _val_metrics(result.val)
     site.logger().scalars({"loss": result.train_loss}, server_round, prefix="train")
@@ -90,6 +94,12 @@ def train(msg: Message, context: Context) -> Message:
                                "steps": result.steps, f"{RECEIVED_PREFIX}num-examples": len(site.splits.val)}
     metrics |= {f"val-{name}": value for name, value in val.items()}
     metrics |= {f"{RECEIVED_PREFIX}{name}": value for name, value in received.items()}
+    if result.privacy is not None:
+        save_state_file(dp_file, result.privacy)
+        site.logger().scalars({"epsilon": result.privacy["epsilon"]}, server_round, prefix="privacy")
+        metrics[EPSILON_METRIC] = result.privacy["epsilon"]
+        print(f"rwft site {site.label}: privacy spent so far: epsilon {result.privacy['epsilon']:.3f} "
+              f"(delta {result.privacy['delta']:g})", flush=True)
     arrays = poison_update(msg.content.array_records["arrays"], shared_arrays(model, site.cfg.federation.local_bn),
                            attack, seed=site.cfg.seed + server_round)
     return _reply(msg, site, MetricRecord(metrics), arrays)

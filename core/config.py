@@ -209,7 +209,7 @@ class DPConfig:
     enabled: bool = False
     noise_multiplier: float | None = None  # sigma: Gaussian noise std / max_grad_norm
     target_epsilon: float | None = None  # the (epsilon, delta) budget of the whole run
-    delta: float | None = None  # default: 1 / (10 * training images), below 1/N as DP requires
+    delta: float = 1e-5  # must be below 1/N (N training images)
     max_grad_norm: float = 1.0  # each example's gradient is clipped to this L2 norm
     accountant: str = "prv"  # prv (tighter) | rdp
 

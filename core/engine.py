@@ -22,6 +22,7 @@ from rwft.core.config import RwftConfig, TrainConfig
 from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
 from rwft.core.metrics import binary_metrics
 from rwft.core.model import trainable_parameters
+from rwft.core.privacy import PrivateTraining, check_dp_config, make_private
 from rwft.core.tblog import RunLogger
 
 
@@ -71,6 +72,7 @@ class FitResult:
     steps: int = 0
     best_epoch: int = 0  # 1-based epoch whose weights were kept
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch val metrics
+    privacy: dict | None = None  # with train.dp: PrivateTraining.summary() | state_dict() after training
 
 
 class Trainer:
@@ -90,6 +92,8 @@ class Trainer:
         device: torch.device | None = None,
         proximal_mu: float = 0.0,
         global_step: int = 0,
+        train_size: int = 0,
+        privacy_rounds: int = 1,
     ) -> None:
         self.cfg = cfg
         self.device = device or select_device(cfg.train)
@@ -109,6 +113,14 @@ class Trainer:
         self.proximal_mu = proximal_mu
         self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
         self.global_step = global_step
+        # Differential privacy (train.dp): one wrap of the model and optimiser, see rwft.core.privacy.
+        self.privacy: PrivateTraining | None = None
+        if cfg.train.dp.enabled:
+            check_dp_config(cfg.train.dp, "train.dp", batchnorm=cfg.model.batchnorm, proximal_mu=proximal_mu)
+            self.privacy = make_private(self.model, self.optimizer, cfg.train.dp, train_size=train_size,
+                                        batch_size=cfg.train.batch_size,
+                                        planned_steps=steps_per_epoch * epochs * privacy_rounds)
+            self.optimizer = self.privacy.optimizer
 
     def train_epoch(
         self,
@@ -129,6 +141,10 @@ class Trainer:
         limit = num_batches(split, train.batch_size)
         if train.max_steps_per_epoch:
             limit = min(limit, train.max_steps_per_epoch)
+        if self.privacy is not None:
+            self.privacy.check_budget(limit)
+            batches = self.privacy.poisson_batches(split, limit, augment=self.cfg.data.augment,
+                                                   generator=generator, device=self.device)
         self.model.train()
         total, count = 0.0, 0
         # Losses stay on the device until a flush: reading one per step would make the
@@ -166,6 +182,10 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step; returns the (detached, still on-device) loss."""
+        if self.privacy is not None and len(labels) == 0:  # an empty Poisson sample
+            self.privacy.noise_only_step()
+            self.global_step += 1
+            return torch.zeros((), device=self.device)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.precision):
@@ -184,12 +204,14 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "global_step": self.global_step}
+                "global_step": self.global_step} | ({"privacy": self.privacy.state_dict()} if self.privacy else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
 
 
 EpochCallback = Callable[[int, Trainer, dict[str, float], bool], None]
@@ -211,21 +233,42 @@ def fit(
     trainer_state: dict | None = None,
     on_epoch_end: EpochCallback | None = None,
     best_auroc: float = -math.inf,
+    privacy_state: dict | None = None,
+    privacy_rounds: int = 1,
 ) -> FitResult:
     """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
 
     With ``select_best`` the weights of the best validation-AUROC epoch are restored
     at the end. ``on_epoch_end(epoch, trainer, val_metrics, is_best)`` is where
     callers checkpoint; ``start_epoch``/``trainer_state``/``best_auroc`` resume a run
-    from such a checkpoint.
+    from such a checkpoint. With ``train.dp``, ``privacy_state`` continues an earlier
+    accounting (a site's previous rounds) and ``privacy_rounds`` is how many ``fit`` calls
+    the budget must cover; the result's ``privacy`` holds epsilon spent and the state.
     """
     steps = num_batches(splits.train, cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device,
-                      proximal_mu=proximal_mu, global_step=global_step)
+                      proximal_mu=proximal_mu, global_step=global_step, train_size=len(splits.train),
+                      privacy_rounds=privacy_rounds)
+    try:
+        return _fit_epochs(trainer, splits, cfg, epochs=epochs, logger=logger, global_step=global_step,
+                           select_best=select_best, progress=progress, start_epoch=start_epoch,
+                           trainer_state=trainer_state, on_epoch_end=on_epoch_end, best_auroc=best_auroc,
+                           privacy_state=privacy_state, steps=steps)
+    finally:
+        if trainer.privacy is not None:
+            trainer.privacy.close()
+
+
+def _fit_epochs(trainer: Trainer, splits: DatasetSplits, cfg: RwftConfig, *, epochs: int, logger: RunLogger | None,
+                global_step: int, select_best: bool, progress: bool, start_epoch: int, trainer_state: dict | None,
+                on_epoch_end: EpochCallback | None, best_auroc: float, privacy_state: dict | None,
+                steps: int) -> FitResult:
     if trainer_state is not None:
         trainer.load_state_dict(trainer_state)
+    if privacy_state is not None and trainer.privacy is not None:
+        trainer.privacy.load_state_dict(privacy_state)
     best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")
     for epoch in range(start_epoch, epochs):
         train_loss = trainer.train_epoch(
@@ -237,6 +280,8 @@ def fit(
         history.append(val)
         if logger is not None:
             logger.scalars(val, step=epoch + 1, prefix="val")
+            if trainer.privacy is not None:
+                logger.scalars(trainer.privacy.summary(), step=epoch + 1, prefix="privacy")
         auroc = val.get("auroc", float("nan"))
         is_best = not math.isnan(auroc) and auroc > best_auroc
         if is_best or best_state is None:
@@ -254,6 +299,7 @@ def fit(
         num_examples=min(len(splits.train), steps * cfg.train.batch_size),
         train_loss=train_loss, val=kept_val, steps=trainer.global_step - global_step,
         best_epoch=best_epoch, history=history,
+        privacy=trainer.privacy.summary() | trainer.privacy.state_dict() if trainer.privacy is not None else None,
     )
 
 

@@ -158,7 +158,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int,
     backbone = registration.factory(arch=arch, pretrained=model_cfg.pretrained,
                                     weights=model_cfg.weights)
     adapter = registries.adapters.get(model_cfg.adapter).factory(backbone)
-    return RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+    model = RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+    if getattr(model_cfg, "batchnorm", "train") == "frozen":  # DP-SGD needs it (rwft.core.privacy)
+        model.backbone = timm.layers.freeze_batch_norm_2d(model.backbone)
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.datasets_chest_xray",
     "rwft.plugins.datasets_medmnist",
     "rwft.plugins.strategies",
+    "rwft.plugins.strategies_dp",
     "rwft.plugins.commands",
 )
 
