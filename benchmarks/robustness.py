@@ -78,6 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     common = [f"data.root={args.data}", f"data.image_size={args.image_size}", "train.batch_size=32",
               f"train.max_steps_per_epoch={args.steps}", "train.lr=0.002", "train.device=cpu", "train.bootstrap=200",
+              "train.num_threads=1",
               f"federation.rounds={args.rounds}", f"federation.sites={args.sites}", f"federation.min_sites={args.sites}",
               "federation.trimmed_beta=0.2"]
     attack = ["federation.attack.sites=[site-0]", f"federation.attack.kind={args.kind}",

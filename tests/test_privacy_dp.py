@@ -44,14 +44,16 @@ def _trained_weights(cfg, splits, torch_seed: int) -> torch.Tensor:
 
 @pytest.mark.timeout(600)
 def test_dp_noise_really_changes_the_update(pneumoniamnist_npz):
-    plain = _central(pneumoniamnist_npz, "model.batchnorm=frozen")
+    plain = _central(pneumoniamnist_npz, "model.batchnorm=frozen", "train.max_steps_per_epoch=2")
     splits = load_splits(plain)
+    torch.manual_seed(0)
+    start = torch.cat([p.detach().flatten() for p in build_model(plain.model, 2).parameters()])
     same = [_trained_weights(plain, splits, seed) for seed in (1, 2)]
-    assert torch.equal(same[0], same[1])  # without DP the torch seed changes nothing
+    update = (same[0] - start).norm()
+    assert (same[0] - same[1]).norm() < 1e-3 * update  # without DP the torch seed changes nothing
     private = with_overrides(plain, ["train.dp.enabled=true", "train.dp.noise_multiplier=1.0"])
     noisy = [_trained_weights(private, splits, seed) for seed in (1, 2)]
-    assert not torch.equal(noisy[0], noisy[1])
-    assert (noisy[0] - noisy[1]).norm() > 0.1 * (same[0] - noisy[0]).norm()
+    assert (noisy[0] - noisy[1]).norm() > 0.1 * update  # the noise, drawn anew, moves the weights
 
 
 def test_dp_needs_frozen_batchnorm_and_a_noise_or_budget(pneumoniamnist_npz):
