@@ -174,7 +174,7 @@ def test_a_x1000_site_under_fedavg_is_rejected_and_the_model_stays_useful(tmp_pa
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"tensors": 0, "scalars": 0})
     events.Reload()
     assert [e.value for e in events.Scalars("federation/rejected_replies")] == [1.0, 1.0]
-    text = events.Tensors("federation/rejected")[0].tensor_proto.string_val[0].decode()
+    text = events.Tensors("federation/rejected/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("site-0: its update norm")
     # The site was told: its round-2 training message and the final evaluation carry the reason.
     told = [m for m in grid.instructions if m.metadata.dst_node_id == ROGUE_NODE]
