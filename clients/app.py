@@ -26,17 +26,19 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from rwft.clients.site import Site, site_for
-from rwft.core.config import RwftConfig, with_overrides
+from rwft.core.config import AttackConfig, RwftConfig, with_overrides
 from rwft.core.engine import FitResult, evaluate_split, fit
 from rwft.core.model import RwftModel
 from rwft.core.plugins import get_registries
 from rwft.core.site_algorithm import SiteAlgorithm, site_algorithm_for
+from rwft.federation.attacks import attack_for, poison_data, poison_update
 from rwft.federation.protocol import (
     GLOBAL_VAL,
     LOCAL_VAL,
@@ -47,6 +49,7 @@ from rwft.federation.protocol import (
     scores_of,
     shared_arrays,
 )
+from rwft.federation.update_checks import rejection_notice
 
 app = ClientApp()
 
@@ -72,26 +75,32 @@ def _errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callab
 def train(msg: Message, context: Context) -> Message:
     site = site_for(context)
     instruction = Instruction.from_record(msg.content)
+    _show_rejection(site, instruction.config, instruction.server_round)
+    attack = attack_for(site.cfg.federation.attack, site.label, context.node_config)  # simulated sites only
     model = site.model_for_round(context, instruction.arrays)
     # The model as received is the previous round's global model: score it first, so that
     # the server needs no separate evaluation exchange per round (rwft.server.rounds).
     global_val = scores_of(_score(model, site))
-    result = train_locally(site, context, model, instruction)
-    reply = TrainReply(site.label, shared_arrays(model, site.cfg.federation.local_bn), result.num_examples,
+    result = train_locally(site, context, model, instruction, attack)
+    arrays = poison_update(instruction.arrays, shared_arrays(model, site.cfg.federation.local_bn), attack,
+                           seed=site.cfg.seed + instruction.server_round)  # unchanged unless simulated
+    reply = TrainReply(site.label, arrays, result.num_examples,
                        len(site.splits.val), {"loss": result.train_loss, "steps": float(result.steps)},
                        global_val, scores_of(result.val))
     _log_round(site, instruction.server_round, reply)
     return Message(content=reply.to_record(), reply_to=msg)
 
 
-def train_locally(site: Site, context: Context, model: RwftModel, instruction: Instruction) -> FitResult:
-    """Fine-tune ``model`` (the global weights just loaded) on the site's train split, as the strategy says."""
+def train_locally(site: Site, context: Context, model: RwftModel, instruction: Instruction,
+                  attack: AttackConfig | None = None) -> FitResult:
+    """Fine-tune ``model`` (the global weights just loaded) on the site's train split, as the strategy says
+    (on labels a simulated ``attack`` flipped, if any)."""
     algorithm = _site_algorithm(site.cfg)
     algorithm.start(model, instruction.config, site.strategy_state(context))
     # fit draws each epoch's shuffle and augmentation from the seed: a new one every round.
     round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + instruction.server_round}"])
-    result = fit(model, site.splits, round_cfg, epochs=site.cfg.federation.local_epochs, device=site.device,
-                 loss_terms=algorithm.loss_terms())
+    result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs,
+                 device=site.device, loss_terms=algorithm.loss_terms())
     site.keep_local_weights(context)
     site.keep_strategy_state(context, algorithm.finish(model))
     return result
@@ -102,6 +111,7 @@ def train_locally(site: Site, context: Context, model: RwftModel, instruction: I
 def evaluate(msg: Message, context: Context) -> Message:
     site = site_for(context)
     instruction = Instruction.from_record(msg.content)
+    _show_rejection(site, instruction.config, instruction.server_round)
     model = site.model_for_round(context, instruction.arrays)
     reply = EvaluateReply(site.label, len(site.splits.val), scores_of(_score(model, site)))
     site.logger().scalars(reply.global_val, instruction.server_round, prefix=GLOBAL_VAL)
@@ -118,6 +128,14 @@ def _site_algorithm(cfg: RwftConfig) -> SiteAlgorithm:
               "plugin here)", file=sys.stderr, flush=True)
         return SiteAlgorithm(cfg)
     return site_algorithm_for(strategies.get(cfg.federation.strategy).factory, cfg)
+
+
+def _show_rejection(site: Site, config: Mapping[str, Any], server_round: int) -> None:
+    """Tell the site's operator that the server left its last reply out of the aggregate, and why."""
+    notice = rejection_notice(config)
+    if notice:
+        print(f"rwft site {site.label}: {notice}", file=sys.stderr, flush=True)
+        site.logger().text("federation/rejected", notice, server_round)
 
 
 def _score(model: RwftModel, site: Site) -> dict[str, float]:

@@ -113,6 +113,8 @@ class FederationConfig:
     partition: str = "iid"  # rwft simulate: iid | dirichlet:ALPHA | quantity:ALPHA (rwft.core.partition)
     site_shifts: list[str] = field(default_factory=list)  # rwft simulate: per site a scanner shift (rwft.core.shift), "" = none
     feddyn_alpha: float = 0.01  # FedDyn's regularisation weight (used by strategy=feddyn)
+    update_checks: UpdateChecksConfig = field(default_factory=lambda: UpdateChecksConfig())
+    attack: AttackConfig = field(default_factory=lambda: AttackConfig())  # simulated adversarial sites
 
 
 @dataclass
@@ -144,6 +146,7 @@ _CHOICES = {
     "eval.calibration": ("none", "temperature"),
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dicom.windowing": ("auto", "none"),
+    "federation.attack.kind": ("none", "nan", "scale", "signflip", "noise", "labelflip"),
 }
 
 
@@ -283,3 +286,26 @@ def load_resumed_config(config: str | os.PathLike[str] | None, overrides: Sequen
     if config is None and not saved.is_file():
         raise ConfigError(f"{resume} has no config.yaml: pass the run directory of an rwft run to resume.")
     return load_config(config or saved, [*overrides, f"output_dir={resume}"])
+
+
+# Trust settings (rwft.federation.update_checks, rwft.federation.attacks).
+
+
+@dataclass
+class UpdateChecksConfig:
+    """Every training reply is checked before aggregation (``rwft.federation.update_checks``)."""
+
+    enabled: bool = True
+    # An update norm above max(median + norm_mad_k * MAD, norm_min_ratio * median) of the
+    # round's updates is rejected (needs at least 3 replies; MAD scaled to a normal's std).
+    norm_mad_k: float = 6.0
+    norm_min_ratio: float = 3.0
+
+
+@dataclass
+class AttackConfig:
+    """Simulated adversarial sites (``rwft simulate`` and in-process federations only)."""
+
+    sites: list[str] = field(default_factory=list)  # labels of the attacking sites, e.g. [site-0]
+    kind: str = "none"  # none | nan | scale | signflip | noise | labelflip
+    factor: float = 10.0  # scale: update times factor; signflip: -factor; noise: std = factor * update norm

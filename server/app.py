@@ -38,6 +38,7 @@ from rwft.federation.protocol import (
     load_shared,
     shared_arrays,
 )
+from rwft.federation.update_checks import Rejection
 from rwft.server.central_view import (
     RoundRecord,
     attach_evaluation,
@@ -110,9 +111,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Regist
             min_sites=cfg.federation.min_sites, wait_timeout_s=cfg.federation.wait_timeout_s,
             round_timeout_s=cfg.federation.round_timeout_s,
             on_round=lambda result: federation.commit(result.round, result.arrays, result, on_round),
+            update_checks=cfg.federation.update_checks,
         )
         federation.finish(evaluate_model(grid, federation.strategy, cfg.federation.rounds, arrays,
-                                         cfg.federation.round_timeout_s), arrays)
+                                         cfg.federation.round_timeout_s, federation.last_rejected), arrays)
     return arrays
 
 
@@ -132,6 +134,7 @@ class Federation:
         self._model: RwftModel | None = None
         self._logger: RunLogger | None = None
         self.holdout: Holdout | None = None
+        self.last_rejected: list[Rejection] = []  # told to their sites with the final evaluation
 
     @contextlib.contextmanager
     def open(self) -> Iterator[Federation]:
@@ -165,6 +168,7 @@ class Federation:
                on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Score, checkpoint, then log round ``server_round`` (``result`` is ``None`` for round 0)."""
         record = round_record(server_round, self.holdout.evaluate(arrays) if self.holdout else {}, result)
+        self.last_rejected = result.rejected if result is not None else []
         if result is not None and self.history:  # the sites' scores of the previous round's model
             attach_evaluation(self.history[-1], result.previous_model)
         self.history.append(record)

@@ -13,7 +13,10 @@ quantity once, with the score scopes of ``rwft.federation.protocol``:
 - per site: ``site/<name>/train/*`` (its training loss, steps and images),
   ``site/<name>/local_val/*`` (its validation split after its local training),
   ``site/<name>/global_val/*`` (the round's global model on its validation split) and
-  ``site/<name>/update_l2`` (the L2 norm of its update).
+  ``site/<name>/update_l2`` (the L2 norm of its update);
+- ``federation/rejected_replies`` and, as text, ``federation/rejected``: the replies the
+  update checks left out of the round and why (``rwft.federation.update_checks``; in
+  ``metrics.json`` each round's ``rejected`` lists round, site and reason).
 
 The sites score a round's global model when it reaches them, with the next round's
 training message (``rwft.server.rounds``), so the ``global_val`` scores of round r are
@@ -68,6 +71,7 @@ class RoundRecord:
     seconds: float | None = None  # None for round 0, before training
     train: dict[str, float] | None = None  # the strategy's aggregate; None for round 0
     global_val: dict[str, float] = field(default_factory=dict)  # the sites' mean scores, a round later
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # round, site, reason (rwft.federation.update_checks)
 
     @property
     def trained(self) -> list[str]:
@@ -78,7 +82,7 @@ class RoundRecord:
         record: dict[str, Any] = {"round": self.round, "finished_at": self.finished_at, HELDOUT: self.heldout,
                                   "sites": {name: site.to_dict() for name, site in self.sites.items()}}
         if self.train is not None:
-            record |= {"seconds": self.seconds, TRAIN: self.train}
+            record |= {"seconds": self.seconds, TRAIN: self.train, "rejected": self.rejected}
         if self.global_val:
             record[GLOBAL_VAL] = self.global_val
         return record
@@ -88,7 +92,7 @@ class RoundRecord:
         return cls(int(record["round"]), dict(record.get(HELDOUT, {})),
                    {name: SiteRecord.from_dict(site) for name, site in record.get("sites", {}).items()},
                    float(record.get("finished_at", 0.0)), record.get("seconds"), record.get(TRAIN),
-                   dict(record.get(GLOBAL_VAL, {})))
+                   dict(record.get(GLOBAL_VAL, {})), list(record.get("rejected", [])))
 
 
 def round_record(server_round: int, heldout: dict[str, float], result: RoundResult | None) -> RoundRecord:
@@ -98,6 +102,7 @@ def round_record(server_round: int, heldout: dict[str, float], result: RoundResu
         record.seconds, record.train = result.seconds, result.train
         record.sites = {site.label: SiteRecord(site.train, site.local_val, update_l2=site.update_l2, error=site.error)
                         for site in result.sites}
+        record.rejected = [rejection.as_record() for rejection in result.rejected]
     return record
 
 
@@ -118,6 +123,10 @@ def log_round(logger: RunLogger, record: RoundRecord) -> None:
         logger.scalar("federation/round_seconds", record.seconds or 0.0, step)
         logger.text("federation/sites", ", ".join(record.trained) or "(none)", step)
         logger.scalars(record.train, step, prefix=f"federation/{TRAIN}")
+        logger.scalar("federation/rejected_replies", len(record.rejected), step)
+        if record.rejected:
+            logger.text("federation/rejected", "\n\n".join(f"{r['site']}: {r['reason']}" for r in record.rejected),
+                        step)
         for name, site in record.sites.items():
             logger.scalars(site.train, step, prefix=f"site/{name}/{TRAIN}")
             logger.scalars(site.local_val, step, prefix=f"site/{name}/{LOCAL_VAL}")
@@ -146,6 +155,8 @@ def round_summary(record: RoundRecord | Mapping[str, Any], last_round: int,
         failed = [f"{name}: {site.error}" for name, site in record.sites.items() if site.error]
         if failed:
             parts.append("failed: " + "; ".join(failed))
+        if record.rejected:
+            parts.append("rejected: " + "; ".join(f"{r['site']}: {r['reason']}" for r in record.rejected))
     if record.heldout:
         parts.append("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in record.heldout.items()))
     if previous is not None and "auroc" in previous.aggregate:

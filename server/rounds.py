@@ -26,6 +26,7 @@ would wait silently without end), and a round goes on with the replies it has af
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,9 +35,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from rwft.core.config import UpdateChecksConfig
 from rwft.core.errors import RwftError
 from rwft.federation.flower_compat import POLL_S
 from rwft.federation.protocol import SITE_LABEL, EvaluateReply, TrainReply, label_of, mean_scores, update_norm
+from rwft.federation.update_checks import Rejection, check_replies, finite_arrays, tell_rejected_sites
 
 
 class FederationError(RwftError):
@@ -78,6 +81,7 @@ class RoundResult:
     sites: list[SiteResult]
     previous_model: Evaluation  # the sites' scores of the model they received (round - 1's)
     seconds: float
+    rejected: list[Rejection] = field(default_factory=list)  # replies left out (rwft.federation.update_checks)
 
 
 def run_rounds(
@@ -91,28 +95,49 @@ def run_rounds(
     wait_timeout_s: float,
     round_timeout_s: float,
     on_round: Callable[[RoundResult], None],
+    update_checks: UpdateChecksConfig | None = None,
 ) -> ArrayRecord:
-    """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts."""
+    """Run rounds ``first_round..last_round``; ``on_round`` sees each result before the next starts.
+
+    Every reply is checked before the strategy sees it (``rwft.federation.update_checks``);
+    a rejected site is told with its next instruction. An aggregate that is not finite is
+    never kept: the round then keeps the global model it started from.
+    """
+    rules = update_checks or UpdateChecksConfig()
+    rejected: list[Rejection] = []
     for server_round in range(first_round, last_round + 1):
         wait_for_sites(grid, min_sites, wait_timeout_s)
-        result = run_round(grid, strategy, arrays, server_round, round_timeout_s)
-        arrays = result.arrays
+        result = run_round(grid, strategy, arrays, server_round, round_timeout_s, rules=rules, rejected=rejected)
+        arrays, rejected = result.arrays, result.rejected
         on_round(result)
     return arrays
 
 
-def run_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, server_round: int,
-              timeout_s: float) -> RoundResult:
-    """One round: the strategy's instructions out, the sites' replies read, then aggregated by the strategy."""
+def run_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, server_round: int, timeout_s: float, *,
+              rules: UpdateChecksConfig | None = None, rejected: list[Rejection] | None = None) -> RoundResult:
+    """One round: the strategy's instructions out (telling the sites whose replies were
+    ``rejected`` last round), the sites' replies read and checked, the accepted ones
+    aggregated by the strategy. An aggregate that is not finite is never kept."""
     started = time.monotonic()
-    replies = exchange(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout_s)
-    sites, received = read_train_replies(replies, arrays)
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    instructions = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+    replies = exchange(grid, tell_rejected_sites(instructions, rejected or []), timeout_s)
+    labels: dict[int, SiteResult] = {}
+    checked = check_replies(replies, arrays, rules or UpdateChecksConfig(), server_round=server_round,
+                            label_of=functools.partial(_label, labels))
+    now_rejected = list(checked.rejected)
+    sites, received = read_train_replies(checked.accepted, arrays)
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, checked.accepted)
+    if new_arrays is not None and not finite_arrays(new_arrays):
+        now_rejected.append(Rejection(server_round, "(aggregate)", -1, "the aggregate is not finite; the round "
+                                      "keeps the global model it started from"))
+        new_arrays = arrays
+    if new_arrays is None and now_rejected:
+        new_arrays = arrays  # every reply was rejected: nothing to aggregate, the model stays as it was
     if new_arrays is None:
         raise FederationError(f"round {server_round}: no usable training reply; site errors: "
                               + "; ".join(f"{s.label}: {s.error}" for s in sites if s.error))
     return RoundResult(server_round, new_arrays, _floats(train_metrics), sites,
-                       Evaluation.of(server_round - 1, received), time.monotonic() - started)
+                       Evaluation.of(server_round - 1, received), time.monotonic() - started, now_rejected)
 
 
 def read_train_replies(replies: Iterable[Message], sent: ArrayRecord
@@ -135,15 +160,21 @@ def read_train_replies(replies: Iterable[Message], sent: ArrayRecord
 
 
 def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: ArrayRecord,
-                   timeout_s: float) -> Evaluation:
+                   timeout_s: float, rejected: list[Rejection] | None = None) -> Evaluation:
     """Send ``arrays`` (round ``server_round``'s global model) to the sites to score on their validation splits.
 
     The aggregate is ``mean_scores``, as for the scores that come with each round's
     training replies, so that the final point of a curve is averaged like the others.
+    ``rejected``: the last training round's rejections, told to their sites with this
+    message. Replies that cannot be averaged (other metric keys, no examples) are left out.
     """
     nodes: dict[int, SiteResult] = {}
     sites: dict[str, tuple[dict[str, float], int]] = {}
-    for message in exchange(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout_s):
+    instructions = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+    replies = exchange(grid, tell_rejected_sites(instructions, rejected or []), timeout_s)
+    checked = check_replies(replies, None, UpdateChecksConfig(), server_round=server_round,
+                            label_of=functools.partial(_label, nodes))
+    for message in checked.accepted:
         if not message.has_error():
             reply = EvaluateReply.from_record(message.content)
             sites[_site(nodes, message).label] = (reply.global_val, reply.val_examples)
@@ -182,6 +213,10 @@ def _site(sites: dict[int, SiteResult], reply: Message) -> SiteResult:
         # The label becomes a TensorBoard tag: anything but a valid pseudonym is replaced by the node id.
         sites[node_id] = SiteResult(label if SITE_LABEL.match(label) else f"node-{node_id}", node_id)
     return sites[node_id]
+
+
+def _label(sites: dict[int, SiteResult], reply: Message) -> str:
+    return _site(sites, reply).label
 
 
 def _floats(record: MetricRecord | None) -> dict[str, float]:
