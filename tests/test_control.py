@@ -56,7 +56,9 @@ def test_an_outsider_with_the_ca_cannot_control_the_federation(tmp_path, pneumon
                     "ls": _flwr(home, "ls", "fed")}
         for name, done in attempts.items():
             assert done.returncode != 0, (name, done.stdout, done.stderr)
-        # The coordinator's own commands work, and `status` writes nothing into the run directory.
+        # The coordinator's own commands work, and `status` writes nothing into the run directory
+        # (compared once round 0 is committed: state.pt is written last, so the server is idle then).
+        wait_for(lambda: (run / "state.pt").is_file(), 300, "round 0 to be committed")
         before = sorted(str(path) for path in run.rglob("*") if "superlink" not in path.parts and "tb" not in path.parts)
         status = subprocess.run([str(BIN / "rwft-server"), "status", str(run), "--json"], capture_output=True,
                                 text=True, timeout=120)
