@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rwft.core import recipe
 from rwft.core.config import RwftConfig, TrainConfig
 from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
+from rwft.core.errors import BrokenModelError
 from rwft.core.metrics import binary_metrics
 from rwft.core.tblog import RunLogger
 
@@ -363,6 +364,13 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Binary metrics (positive = class 1) plus cross-entropy loss on ``split``."""
     probs = predict(model, split, cfg, device)
+    if not np.isfinite(probs).all():
+        # Scoring would either crash inside scikit-learn or, worse, report a made-up number.
+        broken = int((~np.isfinite(probs)).any(axis=1).sum())
+        raise BrokenModelError(f"the model's outputs are NaN or infinite on {broken} of {len(split)} images, so its "
+                               "weights are broken: training diverged (lower train.lr), or, in a federation, a "
+                               "site's update was aggregated unchecked (keep federation.update_checks.enabled=true "
+                               "or use a robust strategy).")
     metrics = binary_metrics(split.labels, probs[:, 1], threshold)
     picked = probs[np.arange(len(split)), split.labels]
     metrics["loss"] = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))

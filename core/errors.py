@@ -21,3 +21,7 @@ class PluginError(RwftError):
 
 class WeightsError(RwftError):
     """A weights file is missing, unreadable, or does not fit the architecture."""
+
+
+class BrokenModelError(RwftError):
+    """A model's outputs are NaN or infinite: its weights are broken, and no score of it means anything."""

@@ -87,3 +87,16 @@ def test_predict_returns_probabilities_for_every_image():
     probs = predict(_tiny_cnn(), _splits().test, _cfg())
     assert probs.shape == (96, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_a_model_with_broken_weights_is_refused_not_scored():
+    # An unchecked x1000 federated update overflows the logits: scikit-learn then crashed with a
+    # traceback (or a NaN AUROC was reported). rwft says what is wrong in one line instead.
+    from rwft.core.errors import BrokenModelError
+
+    torch.manual_seed(0)
+    model, splits, cfg = _tiny_cnn(), _splits(), _cfg()
+    with torch.no_grad():
+        model[-1].weight.mul_(1e38).mul_(1e38)  # inf logits: softmax gives NaN
+    with pytest.raises(BrokenModelError, match=r"NaN or infinite on 96 of 96 images.*update_checks"):
+        evaluate_split(model, splits.test, cfg)

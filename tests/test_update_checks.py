@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from rwft.clients import app as rwft_client
 from rwft.core.config import UpdateChecksConfig
+from rwft.core.errors import BrokenModelError
 from rwft.federation.protocol import STATISTICS_KEY, WEIGHTS_KEY
 from rwft.federation.update_checks import (
     REJECTED_REASON_KEY,
@@ -158,8 +159,9 @@ def test_a_x1000_site_under_fedavg_is_rejected_and_the_model_stays_useful(tmp_pa
     attack = ["federation.attack.sites=[site-0]", "federation.attack.kind=scale", "federation.attack.factor=1000"]
     # The finding, reproduced: without the norm rule FedAvg averages the x1000 update in, and the
     # global model's outputs are no longer a classifier's (NaN, or chance).
-    # (In one process the sites' failure to score the NaN-output model reaches the server as an exception.)
-    with pytest.raises((rwft_client.SiteError, ValueError)):
+    # The first one to score that model (here a site, in one process with the server) refuses it
+    # as broken, in one line that names the unchecked update, instead of crashing in scikit-learn.
+    with pytest.raises((rwft_client.SiteError, BrokenModelError), match="BrokenModelError|NaN or infinite"):
         in_process_federation(tmp_path / "unchecked", pneumoniamnist_npz,
                               [*attack, "federation.rounds=1", "federation.server_eval=false",
                                "federation.update_checks.enabled=false"], sites=3)
