@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import os
 import re
@@ -328,6 +329,10 @@ def run_ray(sweep: Sweep, *, resume: bool, address: str | None) -> None:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[ProgressCallback(sweep.total, sweep.param_keys())]),
         )
+    # After an interruption Ray lists every trial that had not started as "Failed to fetch
+    # metrics" (dozens of lines); rwft reads results from its own trial folders and names the
+    # trials that are not complete, with the --resume command, itself.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     tuner.fit()
 
 
