@@ -15,6 +15,11 @@ By default rounds run in this process, which keeps imports, decoded images and t
 warm between rounds (``rwft.clients.worker``); ``--isolation subprocess`` uses Flower's
 default instead, a fresh process per message. Several sites can join from one machine:
 each picks a free local port for its SuperNode (``--port`` to choose).
+
+When the federation's server goes away once this site has joined (a crash, a restart,
+``rwft-server start --resume``), the site waits for it to come back and then restarts its
+SuperNode and warm worker (``_watch``): a fresh SuperNode holds nothing of the interrupted
+round, so no task or reply of the old server's messages can answer the resumed one's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 import tomli_w
 
 from rwft.core.errors import RwftError
-from rwft.federation.processes import ChildProcess, flower_env, free_port, run_command, split_address
+from rwft.federation.processes import ChildProcess, flower_env, free_port, port_open, run_command, split_address
 from rwft.federation.protocol import check_site_label
 from rwft.federation.site_keys import check_site_private_key, create_site_key
 from rwft.federation.tls import check_root_certificate, diagnose_connection, is_loopback
@@ -38,6 +43,7 @@ RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machi
 ADMISSION_RETRY_S = 10.0  # how often a site whose key is not registered yet asks again
 REJOIN_S = 5.0  # pause before joining the new federation that replaced this site's
 DIAGNOSE_AFTER_TRIES = 4  # failed connection attempts (about 20 s of Flower's backoff) before saying why
+WATCH_S = 0.5  # how often the SuperNode's log and, once the server went away, the server's port are looked at
 # Flower's log lines rwft reacts to; tests/test_client_cli.py pins each against the installed Flower.
 JOINED = "SuperNode ID:"
 RETRYING = "Connection attempt failed, retrying in"
@@ -136,16 +142,19 @@ def _join(args: argparse.Namespace) -> int:
                                  log_file=work_dir / "supernode.log", cwd=work_dir)
         print(f"rwft-client: site {label} connecting to {args.server} (SuperNode log: {supernode.log_file}); "
               "Ctrl-C to leave", flush=True)
+        restart = threading.Event()
         try:
             supernode.wait_for_port(RUNTIME_HOST, port, timeout_s=120)
             stop = threading.Event()
-            threading.Thread(target=_watch, args=(supernode, stop, args.server, ca), daemon=True).start()
+            threading.Thread(target=_watch, args=(supernode, stop, args.server, ca, restart), daemon=True).start()
             if args.isolation == "warm":
                 _serve_warm(f"{RUNTIME_HOST}:{port}", args.threads, stop)
             else:
                 stop.wait()
         finally:
             supernode.stop()
+        if restart.is_set():
+            continue  # _watch said why; the next SuperNode's node id follows
         log = supernode.own_output()
         joined = _node_id(log)
         if joined and (NEW_FEDERATION in log or supernode.process.returncode == 0):
@@ -202,22 +211,56 @@ def _serve_warm(runtime_address: str, threads: int | None, stop: threading.Event
     serve(runtime_address, app, stop)
 
 
-def _watch(supernode: ChildProcess, stop: threading.Event, server: str, ca: Path | None) -> None:
+def _watch(supernode: ChildProcess, stop: threading.Event, server: str, ca: Path | None,
+           restart: threading.Event) -> None:
     """Report the node id once connected, and what is wrong if connecting keeps failing; set
-    ``stop`` if the SuperNode exits."""
+    ``stop`` if the SuperNode exits, ``restart`` and ``stop`` once the server came back after going away.
+
+    A joined SuperNode retries a server that went away for ever, and keeps what it held: a
+    task whose message never fully arrived, a reply its server will never read. Flower 1.42
+    then pushes that stale reply in place of the resumed federation's next one, and the
+    resumed round waits for ever (README, "Known limits"). So once the server's address
+    refuses connections, this site waits until it accepts them again and then stops the
+    SuperNode with SIGTERM: it leaves gracefully (the server marks its node offline, or
+    forgets a node without a site key), and the next one starts with an empty state. The
+    old SuperNode is not stopped while the server is away: it could not say goodbye, and a
+    site key's node would then look connected to the resumed server for up to a minute.
+    """
     announced = diagnosed = False
+    host, port = split_address(server)
+    retries_seen = 0
     while supernode.alive():
-        # Only this SuperNode's own output: an older one's id in the same log would be stale.
-        text = "" if announced else supernode.own_output()
+        text = supernode.own_output()  # only this SuperNode's: an older one's id in the same log would be stale
         if not announced and (node_id := _node_id(text)):
             print(f"rwft-client: joined the federation as node {node_id}; serving rounds", flush=True)
             announced = True
+            retries_seen = text.count(RETRYING)
+        if announced and text.count(RETRYING) > retries_seen:
+            retries_seen = text.count(RETRYING)
+            # A retry while the server still listens is a passing failure that Flower's retry covers.
+            if not port_open(host, port):
+                _restart_when_back(supernode, stop, restart, server, host, port)
+                return
         if not announced and not diagnosed and text.count(RETRYING) >= DIAGNOSE_AFTER_TRIES:
-            host, port = split_address(server)
             why = diagnose_connection(host, port, ca)
             print(f"rwft-client: cannot join yet after {DIAGNOSE_AFTER_TRIES} tries: "
                   f"{why or 'the server accepts the connection but does not answer as a SuperLink'}. "
                   "Still trying; Ctrl-C to stop.", file=sys.stderr, flush=True)
             diagnosed = True
-        stop.wait(1.0)
+        stop.wait(WATCH_S)
+    stop.set()
+
+
+def _restart_when_back(supernode: ChildProcess, stop: threading.Event, restart: threading.Event, server: str,
+                       host: str, port: int) -> None:
+    """Wait until ``host:port`` accepts connections again, then stop ``supernode`` and have ``_join`` start a new one."""
+    print(f"rwft-client: the server at {server} went away (it stopped, crashed or is restarting); this site "
+          "restarts its SuperNode once the server is back. Still waiting; Ctrl-C to stop.", file=sys.stderr, flush=True)
+    while supernode.alive() and not port_open(host, port):
+        stop.wait(WATCH_S)
+    if supernode.alive():
+        print(f"rwft-client: the server at {server} is back: restarting this site's SuperNode, so that nothing of "
+              "the interrupted round outlives it", file=sys.stderr, flush=True)
+        restart.set()
+        supernode.stop()
     stop.set()

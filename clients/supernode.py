@@ -1,10 +1,10 @@
 """Flower's SuperNode with its idle waits capped: ``python -m rwft.clients.supernode ARGS``.
 
 It takes exactly ``flower-supernode``'s arguments and runs Flower's own SuperNode with
-rwft's adjustments to its loop (``rwft.federation.flower_compat``: capped waits, stray replies
-pushed; each applied only where the installed Flower is the one they were written for,
-otherwise its log says which is off) and with timestamps in its log, so that a site can
-see when each round's messages came and went.
+rwft's adjustment to its loop (``rwft.federation.flower_compat``: capped waits, applied only
+where the installed Flower is the one it was written for, otherwise its log says it is off)
+and with timestamps in its log, so that a site can see when each round's messages came and
+went.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every place rwft reaches into Flower's internals, behind one gated door, and why.
 
 rwft builds on Flower's public API (``flwr.app``, ``flwr.serverapp``, ``flwr.clientapp``,
-the ``flower-*`` commands). Three things it needs are not public, so they live here, each
+the ``flower-*`` commands). Two things it needs are not public, so they live here, each
 as an ``Adjustment`` that is applied only when the installed Flower is the series rwft
 was tested with (``TESTED_SERIES``) and every function it touches still has the
 parameters rwft relies on (``inspect.signature``). On drift rwft prints which adjustment
@@ -26,21 +26,15 @@ links and many nodes:
 On loopback these waits, not training, were most of a round. Each is capped at ``POLL_S``
 by replacing a module attribute that Flower's loops look up at call time.
 
-**A reply left behind** (``STRAY_REPLY``). The SuperNode pushes replies only right after
-it has pulled a message, and then all replies it has. When the server dies while a
-message is on its way, the SuperNode gives up on that message but leaves its task
-behind; the ClientApp still answers it, that stray reply is pushed in place of the next
-message's, and the next message's real reply then waits for a message that never comes
-(the server is waiting for the reply). The SuperNode here also pushes waiting replies
-when no message comes. Without it a resumed federation may need its sites restarted.
-
 **The warm worker** (``WARM_WORKER``, ``runtime_api``). ``rwft.clients.worker`` speaks the
 SuperNode's ClientApp runtime API from a long-lived process, with Flower's own
 functions; without them ``rwft-client join`` runs Flower's stock launcher
 (``flower-superexec``), one ClientApp process per message.
 
-Both upstream problems (the fixed idle poll and backoff; the stray reply) are written
-down in the README's "Known limits".
+Both upstream problems (the fixed idle poll and backoff; the stray reply a SuperNode
+keeps after its SuperLink restarts) are written down in the README's "Known limits". The
+stray reply needs no internals: ``rwft-client join`` restarts its SuperNode when the
+server comes back (``rwft.clients.cli``).
 """
 
 from __future__ import annotations
@@ -51,7 +45,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +65,6 @@ class Adjustment:
 SUPERNODE_WAITS = Adjustment("supernode-waits", "the SuperNode's capped waits",
                              "an idle SuperNode polls every 3 s and retries downloads after up to 10 s, so each "
                              "round takes seconds longer")
-STRAY_REPLY = Adjustment("stray-reply", "the SuperNode's push of a waiting reply",
-                         "after a server crash a site may answer the resumed federation with a stale reply and "
-                         "stall; restart such sites (`rwft-client join`) if a resumed round does not finish")
 GRID_WAITS = Adjustment("grid-waits", "the ServerApp's capped download waits",
                         "the server collects each reply up to 10 s later, so each round takes seconds longer")
 WARM_WORKER = Adjustment("warm-worker", "the warm ClientApp worker",
@@ -83,8 +74,7 @@ WARM_WORKER = Adjustment("warm-worker", "the warm ClientApp worker",
 # The signatures rwft relies on, as (what, parameter names) of the installed, tested Flower.
 PULL_OBJECTS = ("object_ids", "pull_object_fn", "max_concurrent_pulls", "max_time", "max_tries_per_object",
                 "initial_backoff", "backoff_cap")
-PULL_AND_STORE = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
-                  "confirm_message_received", "trusted_entities")
+
 
 
 def flower_version() -> str:
@@ -140,33 +130,19 @@ class _CappedTime(types.ModuleType):
         time.sleep(min(seconds, POLL_S))
 
 
-def patch_supernode(version: str | None = None) -> dict[str, bool]:
-    """Cap the SuperNode loop's waits and let it push stray replies (call before starting it).
-
-    Returns which adjustments are applied (``SUPERNODE_WAITS``, ``STRAY_REPLY`` by name).
-    """
+def patch_supernode(version: str | None = None) -> bool:
+    """Cap the SuperNode loop's waits (call before starting it); whether they are capped."""
     from flwr.supernode import start_client_internal as node_loop
-    from flwr.supernode.nodestate import NodeState
 
-    applied = {SUPERNODE_WAITS.name: isinstance(getattr(node_loop, "time", None), _CappedTime),
-               STRAY_REPLY.name: hasattr(getattr(node_loop, "_pull_and_store_message", None), "__wrapped__")}
-    if not applied[SUPERNODE_WAITS.name] and gate(SUPERNODE_WAITS, [
+    if isinstance(getattr(node_loop, "time", None), _CappedTime):
+        return True
+    if not gate(SUPERNODE_WAITS, [
             ("start_client_internal.pull_objects", getattr(node_loop, "pull_objects", None), PULL_OBJECTS)],
-            version=version) and getattr(node_loop, "time", None) is time:
-        node_loop.time = _CappedTime("time")  # type: ignore[assignment]
-        _cap_pull(node_loop)
-        applied[SUPERNODE_WAITS.name] = True
-    pull_and_store = getattr(node_loop, "_pull_and_store_message", None)
-    if not applied[STRAY_REPLY.name] and gate(STRAY_REPLY, [
-            ("start_client_internal._pull_and_store_message", pull_and_store, PULL_AND_STORE),
-            ("NodeState.get_messages_legacy", getattr(NodeState, "get_messages_legacy", None),
-             ("self", "run_ids", "is_reply", "limit")),
-            ("NodeState.delete_messages", getattr(NodeState, "delete_messages", None), ("self", "message_ids")),
-            ("NodeState.store_message", getattr(NodeState, "store_message", None), ("self", "message"))],
-            version=version):
-        node_loop._pull_and_store_message = _or_waiting_reply(pull_and_store)  # type: ignore[attr-defined]
-        applied[STRAY_REPLY.name] = True
-    return applied
+            version=version) or getattr(node_loop, "time", None) is not time:
+        return False
+    node_loop.time = _CappedTime("time")  # type: ignore[assignment]
+    _cap_pull(node_loop)
+    return True
 
 
 def patch_grid(version: str | None = None) -> bool:
@@ -180,31 +156,6 @@ def patch_grid(version: str | None = None) -> bool:
         return False
     _cap_pull(http_grid)
     return True
-
-
-def _or_waiting_reply(pull_and_store: Callable[..., int | None]) -> Callable[..., int | None]:
-    """The SuperNode's message pull; when it brings nothing but a reply waits, name that reply's run.
-
-    The loop pushes replies only after a pull that names a run, so this lets it push the
-    waiting reply now instead of after the next message.
-    """
-    signature = inspect.signature(pull_and_store)
-
-    @functools.wraps(pull_and_store)
-    def pull(*args: Any, **kwargs: Any) -> int | None:
-        run_id = pull_and_store(*args, **kwargs)
-        state = signature.bind(*args, **kwargs).arguments["state"]
-        if run_id is None and (waiting := state.get_messages_legacy(is_reply=True)):
-            # get_messages_legacy marks what it returns as taken, and the push that follows
-            # asks for untaken replies only: left taken, it would wait for them forever
-            # (the hang of a resumed federation). Put them back as they were.
-            for reply in waiting:
-                state.delete_messages(message_ids=[reply.metadata.message_id])
-                state.store_message(reply)
-            return int(waiting[0].metadata.run_id)
-        return run_id
-
-    return pull
 
 
 def _cap_pull(module: types.ModuleType) -> None:

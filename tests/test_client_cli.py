@@ -1,4 +1,5 @@
-"""``rwft-client join``: the local data check comes first, and leaving stops the SuperNode."""
+"""``rwft-client join``: the local data check comes first, leaving stops the SuperNode, and a server
+that went away and came back is served from a fresh SuperNode."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def _node_ids(client) -> list[str]:
 @pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_a_site_follows_its_federation_and_its_supernode_never_outlives_it(tmp_path, pneumoniamnist_npz):
-    """A new federation on the same address: the site says so and rejoins it with its real new
-    node id. A kill -9 of rwft-client alone (the OOM killer): its SuperNode exits too."""
+    """A new federation on the same address: the site rejoins it with its real new node id.
+    A kill -9 of rwft-client alone (the OOM killer): its SuperNode exits too."""
     data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0]
     address = f"127.0.0.1:{free_port()}"
     first = start_superlink(tmp_path / "run1", address)
@@ -78,7 +79,10 @@ def test_a_site_follows_its_federation_and_its_supernode_never_outlives_it(tmp_p
         first.stop()
         second = start_superlink(tmp_path / "run2", address)
         wait_for(lambda: len(_node_ids(client)) >= 2, 240, "the site to rejoin the new federation")
-        assert "no longer knows this site" in client.text(), client.text()[-3000:]
+        # Either the site restarted its SuperNode once the address answered again, or the old SuperNode
+        # heard first that the new federation does not know it: both rejoin under a new node id.
+        assert "no longer knows this site" in client.text() or "is back: restarting" in client.text(), \
+            client.text()[-3000:]
         old_id, new_id = _node_ids(client)[:2]
         online = FlowerCli(tmp_path / "run2", second.control_address).node_ids()
         assert int(new_id) in online and new_id != old_id
@@ -93,6 +97,36 @@ def test_a_site_follows_its_federation_and_its_supernode_never_outlives_it(tmp_p
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_a_site_whose_server_restarts_serves_it_from_a_fresh_supernode(tmp_path, pneumoniamnist_npz):
+    """The server goes away and comes back with its state (a crash, then --resume): once it is back
+    the site stops its SuperNode, which leaves gracefully, and serves from a new one, whose state
+    holds nothing of the old connection (README "Known limits": the stray reply)."""
+    data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0]
+    address = f"127.0.0.1:{free_port()}"
+    superlink = start_superlink(tmp_path / "run", address)
+    client = join("hospitalA", address, data, tmp_path / "work")
+    try:
+        wait_for(lambda: _node_ids(client), 180, "the site to join")
+        old_supernode = _children(client.process.pid)[0]
+        superlink.stop()
+        wait_for(lambda: "went away" in client.text(), 120, "the site to see its server gone")
+        assert _children(client.process.pid) == [old_supernode]  # kept while the server is away
+        superlink = start_superlink(tmp_path / "run", address)  # the same state database, as --resume
+        wait_for(lambda: len(_node_ids(client)) >= 2, 240, "the site to serve from a new SuperNode")
+        assert "is back: restarting this site's SuperNode" in client.text()
+        assert not _running(old_supernode)
+        old_id, new_id = (int(node) for node in _node_ids(client)[:2])
+        # The old node left gracefully: without a site key the SuperLink forgets it; the new one is online.
+        nodes = {int(node["node-id"]): node["status"] for node in
+                 FlowerCli(tmp_path / "run", superlink.control_address).nodes()}
+        assert nodes.get(new_id) == "online" and nodes.get(old_id) != "online", nodes
+    finally:
+        client.stop()
+        superlink.stop()
 
 
 def _running(pid: int) -> bool:

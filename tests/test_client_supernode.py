@@ -1,60 +1,23 @@
 """rwft's adjustments to Flower (``rwft.federation.flower_compat``) still apply to the installed
-Flower, a stray reply can no longer hold back the next one, and when Flower drifts (another
-release series, a changed signature) each adjustment is dropped with a message saying what is
-lost, while Flower runs unchanged."""
+Flower, and when Flower drifts (another release series, a changed signature) each adjustment is
+dropped with a message saying what is lost, while Flower runs unchanged."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from rwft.federation.flower_compat import (
     POLL_S,
-    STRAY_REPLY,
     SUPERNODE_WAITS,
     WARM_WORKER,
-    _or_waiting_reply,
     gate,
     runtime_api,
     signature_problem,
 )
-
-
-def _node_state_holding_a_reply(run_id: int):
-    """Flower's own SuperNode state, holding one ClientApp reply that waits to be pushed."""
-    from flwr.app import Message, Metadata, RecordDict
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supernode.nodestate import NodeStateFactory
-
-    state = NodeStateFactory(ObjectStoreFactory()).state()
-    # The instruction as the SuperLink hands it out (its metadata set by the SuperLink).
-    instruction = Message(RecordDict(), metadata=Metadata(
-        run_id=run_id, message_id="", src_node_id=1, dst_node_id=7, reply_to_message_id="", group_id="2",
-        created_at=time.time(), ttl=3600, message_type="train"))
-    instruction.metadata.__dict__["_message_id"] = instruction.object_id
-    reply = Message(RecordDict(), reply_to=instruction)
-    reply.metadata.__dict__["_message_id"] = reply.object_id
-    state.store_message(reply)
-    return state
-
-
-def test_a_waiting_reply_is_pushed_even_when_no_message_comes():
-    no_message = _or_waiting_reply(lambda *, state: None)
-    state = _node_state_holding_a_reply(run_id=42)
-    assert no_message(state=state) == 42  # the loop then pushes it now ...
-    # ... and the push finds it: it asks the state for replies not yet taken.
-    assert [m.metadata.run_id for m in state.get_messages_legacy(is_reply=True)] == [42]
-    assert no_message(state=state) is None  # taken by the push: nothing waits any more
-
-
-def test_a_pulled_message_goes_first():
-    state = _node_state_holding_a_reply(run_id=42)
-    assert _or_waiting_reply(lambda *, state: 7)(state=state) == 7
-    assert len(state.get_messages_legacy(is_reply=True)) == 1
 
 
 def test_the_patches_apply_to_the_installed_flower():
@@ -63,12 +26,11 @@ def test_the_patches_apply_to_the_installed_flower():
         import time
         from rwft.federation.flower_compat import patch_grid, patch_supernode
         import flwr.supernode.start_client_internal as node_loop
-        assert all(patch_supernode().values()) and all(patch_supernode().values()) and patch_grid()
+        assert patch_supernode() and patch_supernode() and patch_grid()
         started = time.monotonic()
         node_loop.time.sleep(3)
         assert time.monotonic() - started < 1, "the 3 s idle wait is not capped"
         assert node_loop.pull_objects.keywords["backoff_cap"] <= 1
-        assert node_loop._pull_and_store_message.__wrapped__.__name__ == "_pull_and_store_message"
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -92,36 +54,34 @@ def test_another_flower_series_turns_each_adjustment_off_and_says_what_is_lost(c
 
 
 def test_a_changed_signature_turns_the_adjustment_off(capsys, monkeypatch):
-    def pull_and_store(state, object_store, node_config, receive, *, timeout):  # a later Flower's, say
-        return None
+    def pull_objects(object_ids, pull_object_fn, *, timeout):  # a later Flower's, say
+        return {}
 
-    assert "takes (state, object_store, node_config, receive, timeout)" in signature_problem(
-        "_pull_and_store_message", pull_and_store, ("state", "object_store"))
-    assert not gate(STRAY_REPLY, [("_pull_and_store_message", pull_and_store, ("state", "object_store"))])
-    assert "a site may answer the resumed federation with a stale reply" in capsys.readouterr().err
+    assert "takes (object_ids, pull_object_fn, timeout)" in signature_problem(
+        "pull_objects", pull_objects, ("object_ids", "pull_object_fn"))
+    assert not gate(SUPERNODE_WAITS, [("pull_objects", pull_objects, ("object_ids", "pull_object_fn"))])
+    assert "an idle SuperNode polls every 3 s" in capsys.readouterr().err
     monkeypatch.setenv("RWFT_FLOWER_ADJUSTMENTS", "off")
     assert not gate(WARM_WORKER, [])
     assert "RWFT_FLOWER_ADJUSTMENTS=off" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)
-def test_a_drifted_supernode_keeps_its_other_adjustments_and_stays_stock_where_it_drifted():
-    # In a fresh interpreter: Flower's _pull_and_store_message "changed" before rwft patches.
+def test_a_drifted_supernode_stays_stock():
+    # In a fresh interpreter: Flower's pull_objects "changed" before rwft patches.
     code = textwrap.dedent("""
         import time
         import flwr.supernode.start_client_internal as node_loop
-        stock = node_loop._pull_and_store_message
-        def changed(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm):
-            return stock(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm, None)
-        node_loop._pull_and_store_message = changed
+        stock = node_loop.pull_objects
+        def changed(object_ids, pull_object_fn, *, timeout=None):
+            return stock(object_ids, pull_object_fn)
+        node_loop.pull_objects = changed
         from rwft.federation.flower_compat import patch_supernode
-        applied = patch_supernode()
-        assert applied == {"the SuperNode's capped waits": True, "the SuperNode's push of a waiting reply": False}
-        assert node_loop._pull_and_store_message is changed  # left as Flower has it
-        assert node_loop.time.sleep is not time.sleep  # the waits are still capped
+        assert patch_supernode() is False
+        assert node_loop.pull_objects is changed and node_loop.time is time  # left as Flower has it
         print("ok")
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.stdout.strip() == "ok", done.stderr
-    assert "the SuperNode's push of a waiting reply is off (start_client_internal._pull_and_store_message takes " \
-        "(state, object_store, node_config, receive, get_run, get_fab, pull_object, confirm)" in done.stderr
+    assert "the SuperNode's capped waits is off (start_client_internal.pull_objects takes " \
+        "(object_ids, pull_object_fn, timeout)" in done.stderr
