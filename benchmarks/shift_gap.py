@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     central_cfg = load_config(None, [*common, f"train.epochs={args.epochs}", f"output_dir={out / 'central'}"])
     train(central_cfg, progress=False)
-    timings["central"] = time.perf_counter() - start
+    timings["central (A's scanner only)"] = time.perf_counter() - start
     models = {"central (A's scanner only)": out / "central" / "best.pt"}
     for name, shifts in (("federated, no shift (A + A)", '[""]'), ("federated with B (A + B)", f'["", "{args.shift}"]')):
         start = time.perf_counter()
