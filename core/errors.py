@@ -21,3 +21,7 @@ class PluginError(RwftError):
 
 class WeightsError(RwftError):
     """A weights file is missing, unreadable, or does not fit the architecture."""
+
+
+class PrivacyBudgetExhausted(RwftError):
+    """Training more would spend more than the configured differential-privacy (epsilon, delta) budget."""
