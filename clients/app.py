@@ -27,6 +27,7 @@ import functools
 import sys
 import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
@@ -35,11 +36,14 @@ from flwr.clientapp import ClientApp
 from rwft.clients.site import Site, site_for
 from rwft.core.config import AttackConfig, RwftConfig, with_overrides
 from rwft.core.engine import FitResult, evaluate_split, fit
+from rwft.core.errors import PrivacyBudgetExhausted
 from rwft.core.model import RwftModel
 from rwft.core.plugins import get_registries
 from rwft.core.site_algorithm import SiteAlgorithm, site_algorithm_for
 from rwft.federation.attacks import attack_for, poison_data, poison_update
+from rwft.federation.privacy import site_state_file, site_training_overrides
 from rwft.federation.protocol import (
+    EPSILON_NAME,
     GLOBAL_VAL,
     LOCAL_VAL,
     TRAIN,
@@ -55,7 +59,8 @@ app = ClientApp()
 
 
 class SiteError(RuntimeError):
-    """What the server learns when a site fails: the exception's type, never its text."""
+    """What the server learns when a site fails: the exception's type, never its text
+    (except the text rwft wrote for the server, such as a spent privacy budget)."""
 
 
 def _errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -64,6 +69,8 @@ def _errors_stay_local(handler: Callable[[Message, Context], Message]) -> Callab
     def guarded(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except SiteError:
+            raise  # already says only what the server may know
         except Exception as exc:
             traceback.print_exc(file=sys.stderr)
             raise SiteError(f"{type(exc).__name__} at the site (the site's log has the details)") from None
@@ -84,9 +91,11 @@ def train(msg: Message, context: Context) -> Message:
     result = train_locally(site, context, model, instruction, attack)
     arrays = poison_update(instruction.arrays, shared_arrays(model, site.cfg.federation.local_bn), attack,
                            seed=site.cfg.seed + instruction.server_round)  # unchanged unless simulated
+    train_scores = {"loss": result.train_loss, "steps": float(result.steps)}
+    if result.privacy is not None:  # federation.dp: the epsilon this site has spent so far, over all rounds
+        train_scores[EPSILON_NAME] = result.privacy["epsilon"]
     reply = TrainReply(site.label, arrays, result.num_examples,
-                       len(site.splits.val), {"loss": result.train_loss, "steps": float(result.steps)},
-                       global_val, scores_of(result.val))
+                       len(site.splits.val), train_scores, global_val, scores_of(result.val))
     _log_round(site, instruction.server_round, reply)
     return Message(content=reply.to_record(), reply_to=msg)
 
@@ -98,12 +107,37 @@ def train_locally(site: Site, context: Context, model: RwftModel, instruction: I
     algorithm = _site_algorithm(site.cfg)
     algorithm.start(model, instruction.config, site.strategy_state(context))
     # fit draws each epoch's shuffle and augmentation from the seed: a new one every round.
-    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + instruction.server_round}"])
-    result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs,
-                 device=site.device, loss_terms=algorithm.loss_terms())
+    round_cfg = with_overrides(site.cfg, [f"seed={site.cfg.seed + instruction.server_round}",
+                                          *site_training_overrides(site.cfg)])
+    # federation.dp: one accountant over every round, kept at the site (a resumed federation reads it back).
+    privacy_file = site_state_file(site.work_dir, site.federation_id)
+    try:
+        result = fit(model, poison_data(site.splits, attack), round_cfg, epochs=site.cfg.federation.local_epochs,
+                     device=site.device, loss_terms=algorithm.loss_terms(),
+                     privacy_state=_privacy_state(privacy_file) if round_cfg.train.dp.enabled else None,
+                     privacy_rounds=site.cfg.federation.rounds)
+    except PrivacyBudgetExhausted as exc:
+        # Its text is rwft's own (numbers only), so the server may read it: it names the site.
+        print(f"rwft site {site.label}: {exc}", file=sys.stderr, flush=True)
+        site.logger().text("privacy/stopped", str(exc), instruction.server_round)
+        raise SiteError(f"site {site.label} stopped training: {exc}") from None
+    if result.privacy is not None:
+        from rwft.core.privacy import save_state_file
+
+        save_state_file(privacy_file, result.privacy)
+        site.logger().scalars({"epsilon": result.privacy["epsilon"]}, instruction.server_round, prefix="privacy")
+        print(f"rwft site {site.label}: privacy spent so far: epsilon {result.privacy['epsilon']:.3f} "
+              f"(delta {result.privacy['delta']:g}, noise multiplier {result.privacy['noise_multiplier']:.3g})",
+              flush=True)
     site.keep_local_weights(context)
     site.keep_strategy_state(context, algorithm.finish(model))
     return result
+
+
+def _privacy_state(path: Path) -> dict | None:
+    from rwft.core.privacy import load_state_file  # Opacus only where DP is on
+
+    return load_state_file(path)
 
 
 @app.evaluate()

@@ -30,6 +30,7 @@ class ModelConfig:
     adapter: str = "replicate"  # grayscale -> 3 channels: replicate | conv1x1 | weightsum
     mode: str = "full"  # full (fine-tune everything) | probe (frozen backbone, train the head)
     dropout: float = 0.2
+    batchnorm: str = "train"  # train | frozen (ImageNet statistics and affine kept, timm freeze_batch_norm_2d; DP needs it)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     class_balance: str = "none"  # none | weights (class-weighted loss, sklearn "balanced") | sampler (balanced batches)
     warmup_epochs: float = 0.0  # linear lr warm-up (cosine/constant); onecycle: its rising phase (default 15%)
+    dp: DPConfig = field(default_factory=lambda: DPConfig())  # sample-level DP-SGD of `rwft train` (Opacus)
 
 
 @dataclass
@@ -115,6 +117,8 @@ class FederationConfig:
     feddyn_alpha: float = 0.01  # FedDyn's regularisation weight (used by strategy=feddyn)
     update_checks: UpdateChecksConfig = field(default_factory=lambda: UpdateChecksConfig())
     attack: AttackConfig = field(default_factory=lambda: AttackConfig())  # simulated adversarial sites
+    dp: DPConfig = field(default_factory=lambda: DPConfig())  # sample-level DP-SGD at every site (Opacus)
+    server_dp: ServerDPConfig = field(default_factory=lambda: ServerDPConfig())  # user-level DP (strategy=dp-fedavg)
 
 
 @dataclass
@@ -147,6 +151,9 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "data.dicom.windowing": ("auto", "none"),
     "federation.attack.kind": ("none", "nan", "scale", "signflip", "noise", "labelflip"),
+    "model.batchnorm": ("train", "frozen"),
+    "train.dp.accountant": ("prv", "rdp"),
+    "federation.dp.accountant": ("prv", "rdp"),
 }
 
 
@@ -224,6 +231,7 @@ def _check_choices(cfg: DictConfig) -> None:
         raise ConfigError("train.lp_epochs (LP-FT) fine-tunes the whole model after the probe stage; "
                           "it needs model.mode=full.")
     _check_recipe(cfg)
+    _check_privacy(cfg)
 
 
 def _check_recipe(cfg: DictConfig) -> None:
@@ -309,3 +317,64 @@ class AttackConfig:
     sites: list[str] = field(default_factory=list)  # labels of the attacking sites, e.g. [site-0]
     kind: str = "none"  # none | nan | scale | signflip | noise | labelflip
     factor: float = 10.0  # scale: update times factor; signflip: -factor; noise: std = factor * update norm
+
+
+# Differential privacy (rwft.core.privacy, rwft.federation.privacy, rwft.plugins.strategies_dp).
+
+
+@dataclass
+class DPConfig:
+    """Sample-level differential privacy: DP-SGD (Opacus) on one training set (a site's, or ``rwft train``'s).
+
+    Give ``noise_multiplier``, or ``target_epsilon`` and the noise is chosen so that the
+    planned training (all epochs; for a site, every round) spends exactly that budget; with
+    both, the noise is as given and ``target_epsilon`` is a cap. Training that would spend
+    more than ``target_epsilon`` stops with ``PrivacyBudgetExhausted``. Needs
+    ``model.batchnorm=frozen``.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float | None = None  # sigma: Gaussian noise std / max_grad_norm
+    target_epsilon: float | None = None  # the (epsilon, delta) budget of the whole run
+    delta: float = 1e-5  # must be below 1/N (N training images)
+    max_grad_norm: float = 1.0  # each example's gradient is clipped to this L2 norm
+    accountant: str = "prv"  # prv (tighter) | rdp
+
+
+@dataclass
+class ServerDPConfig:
+    """User-level DP at the server (strategy ``dp-fedavg``): each site's update clipped, Gaussian noise added."""
+
+    noise_multiplier: float = 1.0  # noise std / clipping_norm, on the sum of the aggregated sites' updates
+    clipping_norm: float = 1.0  # each site's update of the shared weights is clipped to this L2 norm
+    delta: float = 1e-5
+
+
+def _check_privacy(cfg: DictConfig) -> None:
+    """DP settings that cannot work, named by key (checked at load, so a federation fails before it starts)."""
+    for key in ("train.dp", "federation.dp"):
+        dp = OmegaConf.select(cfg, key)
+        if not dp.enabled:
+            continue
+        if dp.noise_multiplier is None and dp.target_epsilon is None:
+            raise ConfigError(f"{key}.enabled=true needs {key}.noise_multiplier (e.g. 1.0) or {key}.target_epsilon "
+                              "(e.g. 3.0, the budget the whole run may spend).")
+        for name in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
+            value = dp[name]
+            if value is not None and not value > 0:
+                raise ConfigError(f"{key}.{name} must be above 0, got {value}.")
+        if not 0.0 < dp.delta < 1.0:
+            raise ConfigError(f"{key}.delta must be in (0, 1) and below 1/N for N training images, got {dp.delta}.")
+        if cfg.model.batchnorm != "frozen":
+            raise ConfigError(f"{key}.enabled=true needs model.batchnorm=frozen: BatchNorm's batch statistics mix "
+                              "the examples of a batch, so per-example gradients cannot be bounded (frozen keeps "
+                              "the ImageNet statistics).")
+        if cfg.train.class_balance != "none":
+            raise ConfigError(f"{key} needs train.class_balance=none: a class-weighted loss or a resampled epoch "
+                              "couples examples, which the DP-SGD analysis (Poisson sampling, per-example "
+                              "clipping) does not allow.")
+    server_dp = cfg.federation.server_dp
+    if not (server_dp.noise_multiplier > 0 and server_dp.clipping_norm > 0 and 0.0 < server_dp.delta < 1.0):
+        raise ConfigError("federation.server_dp.noise_multiplier and clipping_norm must be above 0 and "
+                          f"delta in (0, 1); got {server_dp.noise_multiplier}, {server_dp.clipping_norm}, "
+                          f"{server_dp.delta}.")

@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,9 +22,12 @@ from tqdm.auto import tqdm
 from rwft.core import recipe
 from rwft.core.config import RwftConfig, TrainConfig
 from rwft.core.data import DatasetSplits, ImageSplit, iterate_batches, num_batches
-from rwft.core.errors import BrokenModelError
+from rwft.core.errors import BrokenModelError, ConfigError
 from rwft.core.metrics import binary_metrics
 from rwft.core.tblog import RunLogger
+
+if TYPE_CHECKING:
+    from rwft.core.privacy import PrivateTraining
 
 
 def select_device(train: TrainConfig) -> torch.device:
@@ -100,6 +104,7 @@ class FitResult:
     steps: int = 0
     best_epoch: int = 0  # 1-based epoch whose weights were kept
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch val metrics
+    privacy: dict | None = None  # with train.dp: PrivateTraining.summary() | state_dict() after training
 
 
 class Trainer:
@@ -121,6 +126,8 @@ class Trainer:
         global_step: int = 0,
         train_labels: np.ndarray | None = None,
         loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
+        train_size: int = 0,
+        privacy_rounds: int = 1,
     ) -> None:
         self.cfg = cfg
         self.device = device or select_device(cfg.train)
@@ -129,9 +136,23 @@ class Trainer:
         self.model = prepare_model(model, self.device)
         # The recipe (rwft.core.recipe): optimiser, schedule and loss per stage, EMA, LP-FT.
         self.steps_per_epoch, self.epochs, self.train_labels = steps_per_epoch, epochs, train_labels
+        self.privacy: PrivateTraining | None = None
         self.stage = recipe.first_stage(cfg.train)
         self._build_stage(epochs)
         self.ema = recipe.build_ema(self.model, cfg.train)
+        # train.dp (rwft.core.privacy): DP-SGD. Wrapped after the EMA copied the model (Opacus'
+        # hooks must not be copied with it); LP-FT's second stage is wrapped in _build_stage.
+        if cfg.train.dp.enabled:
+            if loss_terms or proximal_mu > 0:
+                raise ConfigError(f"differential privacy cannot be combined with federation.strategy="
+                                  f"{cfg.federation.strategy}: its sites add a loss term whose gradient is not a "
+                                  "mean over examples, which DP-SGD would drop. Use fedavg or another strategy "
+                                  "that only aggregates differently.")
+            from rwft.core.privacy import PrivateTraining  # Opacus only for private runs
+
+            self.privacy = PrivateTraining(cfg.train.dp, train_size=train_size, batch_size=cfg.train.batch_size,
+                                           planned_steps=steps_per_epoch * epochs * privacy_rounds)
+            self.optimizer = self.privacy.wrap(self.model, self.optimizer)
         self.proximal_mu = proximal_mu
         self.anchor = [p.detach().clone() for p in self.parameters] if proximal_mu > 0 else []
         self.global_step = global_step
@@ -143,6 +164,8 @@ class Trainer:
         stage = recipe.build_optimisation(self.model, self.cfg.train, stage=self.stage, epochs=epochs,
                                           steps_per_epoch=self.steps_per_epoch, train_labels=self.train_labels)
         self.parameters, self.optimizer, self.scheduler = stage.parameters, stage.optimizer, stage.scheduler
+        if self.privacy is not None:  # the scheduler steps the same param_groups through the wrapper
+            self.optimizer = self.privacy.wrap(self.model, stage.optimizer)
         self.loss_fn = stage.loss_fn.to(self.device)
 
     def begin_epoch(self, epoch: int) -> None:
@@ -177,6 +200,10 @@ class Trainer:
         limit = num_batches(split, train.batch_size)
         if train.max_steps_per_epoch:
             limit = min(limit, train.max_steps_per_epoch)
+        if self.privacy is not None:
+            self.privacy.check_budget(limit)
+            batches = self.privacy.poisson_batches(split, limit, augment=self.cfg.data.augment, generator=generator,
+                                                   device=self.device, augmentation=self.cfg.data.augmentation)
         self.model.train()
         total, count = 0.0, 0
         # Losses stay on the device until a flush: reading one per step would make the
@@ -214,6 +241,20 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimiser step; returns the (detached, still on-device) loss."""
+        if self.privacy is not None and len(labels) == 0:  # an empty Poisson sample: noise only, still a step
+            self.privacy.noise_only_step()
+            loss = torch.zeros((), device=self.device)
+        else:
+            loss = self._loss_step(images, labels)
+        # OneCycle refuses to step past its total; a capped epoch can end early.
+        if self.scheduler.last_epoch + 1 < getattr(self.scheduler, "total_steps", math.inf):
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step + 1)
+        self.global_step += 1
+        return loss.detach()
+
+    def _loss_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.train.precision):
@@ -226,19 +267,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        # OneCycle refuses to step past its total; a capped epoch can end early.
-        if self.scheduler.last_epoch + 1 < getattr(self.scheduler, "total_steps", math.inf):
-            self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step + 1)
-        self.global_step += 1
-        return loss.detach()
+        return loss
 
     def state_dict(self) -> dict:
         """Optimiser, schedule, step counter and the global random states: all a resumed run needs."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "global_step": self.global_step, "rng": rng_state(), "stage": self.stage,
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+                "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stage", self.stage) != self.stage:  # resumed after LP-FT's switch
@@ -250,6 +286,13 @@ class Trainer:
         self.global_step = int(state["global_step"])
         if "rng" in state:
             restore_rng_state(state["rng"])
+        if self.privacy is not None and state.get("privacy") is not None:
+            self.privacy.load_state_dict(state["privacy"])
+
+    def close(self) -> None:
+        """Remove what DP-SGD added to the model (a federated site trains the same model every round)."""
+        if self.privacy is not None:
+            self.privacy.close()
 
 
 @dataclass(frozen=True)
@@ -283,6 +326,8 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     resume: ResumeState | None = None,
     loss_terms: Sequence[Callable[[], torch.Tensor]] = (),
+    privacy_state: dict | None = None,
+    privacy_rounds: int = 1,
 ) -> FitResult:
     """Train ``epochs`` epochs on ``splits.train``, scoring ``splits.val`` after each.
 
@@ -290,16 +335,36 @@ def fit(
     at the end. ``on_epoch_end(epoch, trainer, val_metrics, is_best)`` is where
     callers checkpoint; ``resume`` continues a run from such a checkpoint (the model
     must already hold its weights), bit for bit on the CPU.
+
+    With ``train.dp`` (``rwft.core.privacy``) the training is DP-SGD: ``privacy_state``
+    continues an earlier accounting (a site's previous rounds), ``privacy_rounds`` is how
+    many ``fit`` calls a ``target_epsilon`` budget must cover, and the result's ``privacy``
+    holds the epsilon spent and the accountant's state. ``PrivacyBudgetExhausted`` when the
+    next epoch would spend more than the budget.
     """
     resume = resume or ResumeState(epoch=0)
-    start_epoch, best_auroc = resume.epoch, resume.best_auroc
     steps = num_batches(splits.train, cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     trainer = Trainer(model, cfg, steps_per_epoch=steps, epochs=epochs, device=device, proximal_mu=proximal_mu,
-                      train_labels=splits.train.labels, loss_terms=loss_terms)
+                      train_labels=splits.train.labels, loss_terms=loss_terms, train_size=len(splits.train),
+                      privacy_rounds=privacy_rounds)
+    try:
+        return _fit_epochs(trainer, splits, cfg, epochs=epochs, logger=logger, select_best=select_best,
+                           progress=progress, on_epoch_end=on_epoch_end, resume=resume, privacy_state=privacy_state,
+                           steps=steps)
+    finally:
+        trainer.close()
+
+
+def _fit_epochs(trainer: Trainer, splits: DatasetSplits, cfg: RwftConfig, *, epochs: int, logger: RunLogger | None,
+                select_best: bool, progress: bool, on_epoch_end: EpochCallback | None, resume: ResumeState,
+                privacy_state: dict | None, steps: int) -> FitResult:
+    start_epoch, best_auroc = resume.epoch, resume.best_auroc
     if resume.trainer is not None:
         trainer.load_state_dict(resume.trainer)
+    if privacy_state is not None and trainer.privacy is not None:
+        trainer.privacy.load_state_dict(privacy_state)
     first_step = trainer.global_step
     best_state, best_epoch, history, train_loss = None, start_epoch, [], float("nan")
     for epoch in range(start_epoch, epochs):
@@ -313,6 +378,8 @@ def fit(
         history.append(val)
         if logger is not None:
             logger.scalars(val, step=epoch + 1, prefix="val")
+            if trainer.privacy is not None:
+                logger.scalars(trainer.privacy.summary(), step=epoch + 1, prefix="privacy")
         auroc = val.get("auroc", float("nan"))
         is_best = not math.isnan(auroc) and auroc > best_auroc
         if is_best or best_state is None:
@@ -332,6 +399,7 @@ def fit(
         num_examples=min(len(splits.train), steps * cfg.train.batch_size),
         train_loss=train_loss, val=kept_val, steps=trainer.global_step - first_step,
         best_epoch=best_epoch, history=history,
+        privacy=trainer.privacy.summary() | trainer.privacy.state_dict() if trainer.privacy is not None else None,
     )
 
 

@@ -25,3 +25,7 @@ class WeightsError(RwftError):
 
 class BrokenModelError(RwftError):
     """A model's outputs are NaN or infinite: its weights are broken, and no score of it means anything."""
+
+
+class PrivacyBudgetExhausted(RwftError):
+    """Training more would spend more than the configured differential-privacy (epsilon, delta) budget."""

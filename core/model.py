@@ -184,6 +184,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int,
     adapter = call_factory(adapter_registration, "a torch.nn.Module", lambda value: isinstance(value, nn.Module),
                            backbone)
     model = RwftModel(backbone, adapter, num_classes, dropout=model_cfg.dropout, mode=model_cfg.mode)
+    if model_cfg.batchnorm == "frozen":
+        # DP-SGD needs it (rwft.core.privacy): every BatchNorm (timm's BatchNormAct2d too) becomes a
+        # FrozenBatchNorm2d that keeps the pretrained statistics and affine weights as fixed buffers.
+        model = timm.layers.freeze_batch_norm_2d(model)
     if image_size is not None:
         _dry_run(model, backbone, registration, adapter_registration, image_size, model_cfg.backbone)
     return model

@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "rwft.plugins.datasets_dicom",
     "rwft.plugins.strategies",
     "rwft.plugins.strategies_feddyn",
+    "rwft.plugins.strategies_dp",
     "rwft.plugins.commands",
     "rwft.plugins.commands_hospital",
     "rwft.plugins.commands_experiments",

@@ -117,6 +117,9 @@ def train(cfg: RwftConfig, *, resume: bool = False, overwrite: bool = False, pro
         model.load_state_dict(best["model"])
         metrics = _score(model, splits, cfg, device, logger, step=cfg.train.epochs)
         metrics["best_epoch"] = best["epoch"]
+        if result.privacy is not None:  # train.dp: what the whole run spent (rwft.core.privacy)
+            metrics["privacy"] = {key: result.privacy[key] for key in
+                                  ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")}
         logger.hparams(to_container(cfg), {f"test/{k}": v["value"] for k, v in metrics["test"].items()
                                            if isinstance(v, dict)})
     best |= {key: metrics[key] for key in ("threshold", "threshold_policy", "temperature")}

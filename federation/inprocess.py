@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -22,7 +23,10 @@ SERVER_NODE_ID = 0
 
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, node_configs: Mapping[int, dict[str, Any]],
-                 run_config: Mapping[str, Any]) -> None:
+                 run_config: Mapping[str, Any], *, errors_as_replies: bool = False) -> None:
+        """``errors_as_replies``: a ClientApp's exception becomes an error reply, worded as Flower's
+        SuperNode runtime words it, instead of reaching the caller (the default, so tests see tracebacks)."""
+        self.errors_as_replies = errors_as_replies
         # What Flower's runtime sets in a ServerApp process before messages can be made.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
         self.client_app = client_app
@@ -39,7 +43,13 @@ class InProcessGrid(Grid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = message.object_id
             self.instructions.append(message)
-            reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            try:
+                reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as exc:
+                if not self.errors_as_replies:
+                    raise
+                reason = str(type(exc)) + ":<'" + str(exc) + "'>"  # flwr.supernode.runtime.run_clientapp's form
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
             self.replies.append(reply)
             self._pending[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)

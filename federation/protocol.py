@@ -117,8 +117,13 @@ def layout(model: nn.Module, local_bn: bool) -> dict[str, list[str]]:
     """Which state-dict keys travel in which flat array, in state-dict order."""
     keep = local_keys(model, local_bn)
     travelling = [name for name in model.state_dict() if name not in keep]
-    groups = {WEIGHTS_KEY: [n for n in travelling if not n.endswith(STATISTICS_SUFFIXES)],
-              STATISTICS_KEY: [n for n in travelling if n.endswith(STATISTICS_SUFFIXES)]}
+    # Buffers that are no parameter, such as a frozen BatchNorm's fixed affine weights
+    # (model.batchnorm=frozen), are never trained: they travel with the statistics, so that
+    # server-side DP noise and server optimisers touch only what training changes.
+    parameters = {name for name, _ in model.named_parameters()}
+    fixed = {n for n in travelling if n.endswith(STATISTICS_SUFFIXES) or n not in parameters}
+    groups = {WEIGHTS_KEY: [n for n in travelling if n not in fixed],
+              STATISTICS_KEY: [n for n in travelling if n in fixed]}
     return {key: names for key, names in groups.items() if names}
 
 
@@ -187,6 +192,9 @@ LOCAL_VAL = "local_val"  # scope: the site's model after its local training, on 
 TRAIN = "train"  # scope: the site's local training
 SCORE_NAMES: tuple[str, ...] = (*METRIC_NAMES, "loss")  # what a site reports for each scored model
 TRAIN_NAMES = ("loss", "steps")  # what a site reports about its local training
+# With federation.dp a site also reports, in scope ``train``, the epsilon it has spent so far
+# (rwft.federation.privacy); the strategies' aggregate is the largest, the federation's worst site.
+EPSILON_NAME = "dp-epsilon"
 
 Scalar = int | float | str | bool
 
@@ -315,7 +323,11 @@ def aggregate_train_metrics(records: list[RecordDict], weighting_metric_name: st
     pairs = [(_scope(_numbers(record), TRAIN), float(_numbers(record).get(weighting_metric_name, 0.0)))
              for record in records]
     total = sum(weight for _, weight in pairs)
-    return MetricRecord({**mean_scores(pairs), weighting_metric_name: total})
+    aggregate = {**mean_scores(pairs), weighting_metric_name: total}
+    epsilons = [scores[EPSILON_NAME] for scores, _ in pairs if EPSILON_NAME in scores]
+    if epsilons:  # a mean of privacy budgets means nothing: the worst site's is the federation's
+        aggregate[EPSILON_NAME] = max(epsilons)
+    return MetricRecord(aggregate)
 
 
 def _numbers(content: RecordDict) -> dict[str, float]:

@@ -28,8 +28,10 @@ from rwft.core.errors import RwftError
 from rwft.core.model import RwftModel, build_model
 from rwft.core.model_file import model_payload
 from rwft.core.plugins import Registries, call_factory, get_registries
+from rwft.core.site_algorithm import StrategyPlugin
 from rwft.core.tblog import RunLogger
 from rwft.federation.flower_compat import patch_grid
+from rwft.federation.privacy import check_federation_dp
 from rwft.federation.protocol import (
     NUM_CLASSES_KEY,
     RESUME_KEY,
@@ -77,6 +79,7 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
         "train_metrics_aggr_fn": aggregate_train_metrics,  # the training numbers only, by training images
     }
     registration = (registries or get_registries()).strategies.get(federation.strategy)
+    check_federation_dp(cfg, site_half=isinstance(registration.factory, StrategyPlugin))  # before any site trains
     return call_factory(registration, "a Flower Strategy", lambda value: isinstance(value, Strategy), cfg, **common)
 
 
