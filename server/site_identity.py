@@ -42,10 +42,7 @@ class VettedGrid:
         return getattr(self._grid, name)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        # Messages of the previous exchange still unanswered: their sites were left out at its timeout.
-        for original in self._sent.values():
-            print(f"rwft: no reply from {self.name(original.metadata.dst_node_id)} within "
-                  "federation.round_timeout_s: the round went on without it", flush=True)
+        # Messages of the previous exchange still unanswered: rwft.server.rounds.exchange named their sites.
         self._sent.clear()
         messages = list(messages)
         ids = list(self._grid.push_messages(messages))
@@ -72,9 +69,13 @@ class VettedGrid:
 
     def name(self, node_id: int) -> str:
         """``site LABEL (node N)`` when the node's label is known, else ``node N``."""
-        label = self._registered().get(node_id) or next(
-            (label for label, owner in self._owner.items() if owner == node_id), None)
+        label = self.site_label(node_id)
         return f"site {label} (node {node_id})" if label else f"node {node_id}"
+
+    def site_label(self, node_id: int) -> str | None:
+        """The label node ``node_id`` is known by (its key's name, else the label it first used), or None."""
+        return self._registered().get(node_id) or next(
+            (label for label, owner in self._owner.items() if owner == node_id), None)
 
     def refusal(self, node_id: int, label: str) -> str | None:
         """Why node ``node_id`` may not speak for ``label``; None when it may."""
