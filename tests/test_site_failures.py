@@ -110,3 +110,73 @@ def test_a_site_killed_mid_round_is_named_and_rejoins_the_next_round(tmp_path, p
     assert len(new_ids) == 1 and new_ids[0] != first_id, restarted.text()[-3000:]
     assert metrics["complete"]
     _no_node_names(metrics, log)
+
+
+@pytest.mark.timeout(900)
+def test_a_stalled_site_is_named_at_the_round_timeout_and_the_federation_goes_on(tmp_path, pneumoniamnist_npz):
+    """SIGSTOP of a site's whole process group mid-round (a hung machine, a debugger, swap):
+    the round ends after federation.round_timeout_s, the log and metrics.json name the late
+    site by its label, and once it runs again (SIGCONT) it takes part in the next round."""
+    round_timeout_s = 45  # rounds take ~10 s here; a stall is caught before the SuperLink's 60 s heartbeat patience
+    data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")
+    address = f"127.0.0.1:{free_port()}"
+    server = _server(tmp_path, pneumoniamnist_npz, address, round_timeout_s)
+    sites = {name: join(name, address, path, tmp_path / name) for name, path in zip(NAMES, data, strict=True)}
+    stalled = sites["hospitalB"]
+    late = "site hospitalB (node {}): no reply within federation.round_timeout_s={} s"
+    try:
+        wait_for(lambda: _received_round(tmp_path / "hospitalB", 2), 400, "hospitalB to get round 2's message")
+        os.killpg(stalled.process.pid, signal.SIGSTOP)
+        try:
+            node_id = _node_ids(stalled.text())[0]
+            wait_for(lambda: late.format(node_id, round_timeout_s) in server.text(), 300, "round 2's timeout")
+        finally:
+            os.killpg(stalled.process.pid, signal.SIGCONT)
+        code = server.wait(timeout=600)
+    finally:
+        server.stop()
+        for client in sites.values():
+            client.stop()
+    log = server.text()
+    assert code == 0, log[-4000:]
+    metrics = _metrics(tmp_path)
+    rounds = {record["round"]: record for record in metrics["rounds"]}
+    assert "no reply within federation.round_timeout_s" in rounds[2]["sites"]["hospitalB"]["error"], rounds[2]["sites"]
+    assert rounds[2]["sites"]["hospitalA"]["train"]["num-examples"] > 0
+    assert round_timeout_s <= rounds[2]["seconds"] < round_timeout_s + 60, rounds[2]["seconds"]
+    assert re.search(r"round 2/3 \| 1 site\(s\) trained \(hospitalA\).*failed: hospitalB: no reply", log), log[-4000:]
+    assert {name for name, site in rounds[3]["sites"].items() if site["train"]} == set(NAMES), rounds[3]["sites"]
+    assert metrics["complete"]
+    _no_node_names(metrics, log)
+
+
+@pytest.mark.timeout(600)
+def test_a_one_class_site_never_makes_an_aggregate_nan(tmp_path, pneumoniamnist_npz, capsys):
+    """A site whose every split holds NORMAL only: its own AUROC is undefined (NaN), yet every
+    aggregate the federation reports (the sites' mean scores, the training averages) stays finite."""
+    import math
+
+    from test_sitecheck import one_class_npz
+
+    from rwft.clients.app import app as client_app
+    from rwft.core.config import load_config
+    from rwft.federation.inprocess import InProcessGrid
+    from rwft.server.app import run_federation
+    from rwft.server.launch import prepare_federation
+
+    _, run_config = prepare_federation(load_config(None, [
+        *TINY, *FAST, "train.max_steps_per_epoch=2", f"data.root={pneumoniamnist_npz}", "federation.rounds=2",
+        "federation.min_sites=2", f"output_dir={tmp_path / 'run'}"]), resume=False)
+    files = [make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0],
+             one_class_npz(pneumoniamnist_npz, tmp_path / "one_class")]
+    nodes = {10 + i: {"site": name, "data-dir": str(path), "work-dir": str(tmp_path / name)}
+             for i, (name, path) in enumerate(zip(NAMES, files, strict=True))}
+    run_federation(InProcessGrid(client_app, nodes, run_config), run_config)
+    assert "the train split of" in capsys.readouterr().err  # the site's own warning when it loads its data
+    metrics = _metrics(tmp_path)
+    assert math.isnan(metrics["rounds"][1]["sites"]["hospitalB"]["global_val"]["auroc"])  # the site's own: undefined
+    for record in metrics["rounds"][1:]:
+        aggregates = {**record["train"], **record["global_val"]}
+        assert aggregates and all(math.isfinite(value) for value in aggregates.values()), record
+        assert {name for name, site in record["sites"].items() if site["train"]} == set(NAMES)
+    assert 0.0 < metrics["rounds"][-1]["global_val"]["auroc"] <= 1.0
