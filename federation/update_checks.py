@@ -21,7 +21,7 @@ aggregates the rest. A reply is rejected when:
   Norms are compared per local step: each is divided by ``sqrt(steps / typical steps)``
   (the site's reported ``train/steps``; typical: the round's median). An honest hospital
   with many more images takes more local steps and moves further: on real PneumoniaMNIST
-  updates (28 px, one local epoch) 10x the steps gave 2.8x the norm and 20x about 4x,
+  updates (28 px, one local epoch) 10x the steps gave 2.8x the norm and 20x 3.8x,
   which the raw rule (3x the median) rejected, while norm / sqrt(steps) stayed within 10 %
   across sites (``tests/test_update_checks.py``). Steps are what a site says: a site
   counts at most ``norm_max_step_ratio`` times the typical steps, so a site lying about
