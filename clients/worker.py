@@ -34,6 +34,7 @@ from flwr.common.constant import ErrorCode, SubStatus
 from rwft.federation.flower_compat import POLL_S, PULL_BACKOFF, runtime_api
 
 STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well within this
+TRY_GAP_S = 5.0  # tries come every POLL_S at most; a longer gap is time this process was stopped, not waiting
 
 
 def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) -> None:
@@ -133,18 +134,24 @@ def _stall_guard(api: types.SimpleNamespace, pull: Callable[[str], bytes]) -> Ca
     The SuperNode hands out a task before it has the message's weights, and when the
     SuperLink goes down mid-transfer (a server crash) Flower leaves that task behind with
     weights that will never come. Abandoning it lets this site serve the resumed federation.
+    Only time spent waiting counts: a gap between two tries longer than ``TRY_GAP_S`` means
+    this process was not running (SIGSTOP, a suspended machine), and such a stalled site,
+    once it runs again, gets the message the SuperNode is still receiving instead of
+    abandoning it (the SuperNode would then wait for that task's reply and take no new one).
     """
-    last_progress = time.monotonic()
+    waited, last_try = 0.0, time.monotonic()
 
     def guarded(object_id: str) -> bytes:
-        nonlocal last_progress
+        nonlocal waited, last_try
+        now = time.monotonic()
+        waited, last_try = waited + min(now - last_try, TRY_GAP_S), now
         try:
             content = pull(object_id)
         except api.ObjectUnavailableError:
-            if time.monotonic() - last_progress > STALL_S:
+            if waited > STALL_S:
                 raise api.ObjectPullError(object_id, f"no part of the message arrived for {STALL_S:.0f} s") from None
             raise
-        last_progress = time.monotonic()
+        waited = 0.0
         return content
 
     return guarded

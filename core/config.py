@@ -308,6 +308,9 @@ class UpdateChecksConfig:
     # round's updates is rejected (needs at least 3 replies; MAD scaled to a normal's std).
     norm_mad_k: float = 6.0
     norm_min_ratio: float = 3.0
+    # Norms are compared per local step (norm / sqrt(steps / the round's median steps)): a site
+    # with more images is not an outlier. A site's steps count at most this times the median.
+    norm_max_step_ratio: float = 100.0
 
 
 @dataclass

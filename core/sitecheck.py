@@ -37,6 +37,21 @@ class SiteReport:
     def num_images(self) -> int:
         return sum(sum(counts) for counts in self.counts.values())
 
+    @property
+    def warnings(self) -> list[str]:
+        """Splits that hold images but miss a class: the site can take part, but should know what that costs."""
+        found = []
+        for name in SPLIT_NAMES:
+            missing = [cls for cls, count in zip(self.class_names, self.counts[name], strict=True) if count == 0]
+            if not missing or not sum(self.counts[name]):
+                continue
+            cost = ("this site trains on one class only, which pulls the shared model towards it"
+                    if name == "train" else
+                    "AUROC is undefined on it, so the federation leaves this site out of that score's average")
+            found.append(f"warning: the {name} split has no {', '.join(missing)} images: {cost}. Add images of "
+                         "every class if this site has them.")
+        return found
+
     def format(self) -> str:
         """The report as text for the terminal."""
         lines = [
@@ -51,7 +66,7 @@ class SiteReport:
             lines += [f"  {entry}" for entry in self.unreadable]
         else:
             lines.append("every file is readable")
-        return "\n".join(lines)
+        return "\n".join(lines + self.warnings)
 
 
 def check_site(

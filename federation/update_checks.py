@@ -18,6 +18,16 @@ aggregates the rest. A reply is rejected when:
   "normal")``). The rule needs at least three updates: with two, neither is the outlier.
   Only too-large updates are rejected: a small update cannot move the mean far.
 
+  Norms are compared per local step: each is divided by ``sqrt(steps / typical steps)``
+  (the site's reported ``train/steps``; typical: the round's median). An honest hospital
+  with many more images takes more local steps and moves further: on real PneumoniaMNIST
+  updates (28 px, one local epoch) 10x the steps gave 2.8x the norm and 20x 3.8x,
+  which the raw rule (3x the median) rejected, while norm / sqrt(steps) stayed within 10 %
+  across sites (``tests/test_update_checks.py``). Steps are what a site says: a site
+  counts at most ``norm_max_step_ratio`` times the typical steps, so a site lying about
+  its steps gains at most ``sqrt(norm_max_step_ratio)`` in allowance (10 by default; a
+  x1000 update is still rejected).
+
 A rejected site is told with the next message it gets (``tell_rejected_sites``): its
 instruction's config carries ``REJECTED_ROUND_KEY`` and ``REJECTED_REASON_KEY``. The
 reasons are the server's own words about the reply, never anything a site sent.
@@ -35,12 +45,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from scipy.stats import median_abs_deviation
 
 from rwft.core.config import UpdateChecksConfig
-from rwft.federation.protocol import ARRAYS_KEY, WEIGHTS_KEY
+from rwft.federation.protocol import ARRAYS_KEY, TRAIN, WEIGHTS_KEY, score_key
 from rwft.federation.protocol import NUM_EXAMPLES_KEY as WEIGHT_METRIC  # the metric Flower's strategies weight by
 
 REJECTED_ROUND_KEY = "rwft-rejected-round"  # in the next instruction's config of a rejected site
 REJECTED_REASON_KEY = "rwft-rejected-reason"
 MIN_REPLIES_FOR_NORM_RULE = 3
+STEPS_METRIC = score_key(TRAIN, "steps")  # the local steps a site reports with its update (rwft.clients.app)
 
 
 @dataclass(frozen=True)
@@ -106,11 +117,13 @@ def check_replies(
             keyed.append(reply)
 
     norms = {reply.metadata.src_node_id: _update_norm(sent, reply) for reply in keyed} if sent is not None else {}
-    limit = norm_limit(list(norms.values()), rules) if rules.enabled else math.inf
+    per_step = _per_typical_step(norms, {reply.metadata.src_node_id: _local_steps(reply) for reply in keyed}, rules)
+    limit = norm_limit(list(per_step.values()), rules) if rules.enabled else math.inf
     for reply in keyed:
         norm = norms.get(reply.metadata.src_node_id)
-        if norm is not None and norm > limit:
-            reason = (f"its update norm {norm:.4g} is far above the other sites' (limit {limit:.4g}: median + "
+        if norm is not None and per_step[reply.metadata.src_node_id] > limit:
+            reason = (f"its update norm {norm:.4g} ({per_step[reply.metadata.src_node_id]:.4g} at the round's "
+                      f"typical local steps) is far above the other sites' (limit {limit:.4g}: median + "
                       f"{rules.norm_mad_k:g} MAD, at least {rules.norm_min_ratio:g} x median)")
             checked.rejected.append(_rejection(reply, server_round, label_of, reason))
         else:
@@ -129,6 +142,27 @@ def norm_limit(norms: Sequence[float], rules: UpdateChecksConfig) -> float:
         return math.inf
     mad = float(median_abs_deviation(norms, scale="normal"))
     return max(median + rules.norm_mad_k * mad, rules.norm_min_ratio * median)
+
+
+def _per_typical_step(norms: Mapping[int, float], steps: Mapping[int, float | None],
+                      rules: UpdateChecksConfig) -> dict[int, float]:
+    """Each norm scaled to the round's median local steps: ``norm / sqrt(steps / median)``, with a
+    site's steps capped at ``norm_max_step_ratio`` x the median (a site reporting none counts the median)."""
+    reported = [value for value in steps.values() if value is not None]
+    typical = float(np.median(reported)) if reported else 1.0
+    scaled = {}
+    for node, norm in norms.items():
+        own = min(steps.get(node) or typical, rules.norm_max_step_ratio * typical)
+        scaled[node] = norm / math.sqrt(own / typical)
+    return scaled
+
+
+def _local_steps(reply: Message) -> float | None:
+    """The local steps a reply reports (``STEPS_METRIC``), None when it reports no usable number."""
+    value = next(iter(reply.content.metric_records.values())).get(STEPS_METRIC)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        return None
+    return float(value)
 
 
 def tell_rejected_sites(messages: Iterable[Message], rejected: Sequence[Rejection]) -> list[Message]:

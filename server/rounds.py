@@ -21,7 +21,8 @@ differ, and are why this loop exists:
 It also refuses to wait forever: before each round it waits at most
 ``federation.wait_timeout_s`` for ``federation.min_sites`` sites (Flower's node sampling
 would wait silently without end), and a round goes on with the replies it has after
-``federation.round_timeout_s``.
+``federation.round_timeout_s``: a site that has not answered by then is recorded as failed,
+by its label, with the reason (``NO_REPLY_IN_TIME``), and the server's log names it at once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -40,6 +41,9 @@ from rwft.core.errors import RwftError
 from rwft.federation.flower_compat import POLL_S
 from rwft.federation.protocol import SITE_LABEL, EvaluateReply, TrainReply, label_of, mean_scores, update_norm
 from rwft.federation.update_checks import Rejection, check_replies, finite_arrays, tell_rejected_sites
+
+NO_REPLY_IN_TIME = 4002  # the error code of the reply ``exchange`` makes for a site that did not answer in time
+SiteLabels = Callable[[int], "str | None"]  # node id -> the site label the server knows it by, if any
 
 
 class FederationError(RwftError):
@@ -123,9 +127,9 @@ def run_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, server_round:
     replies = exchange(grid, tell_rejected_sites(instructions, rejected or []), timeout_s)
     labels: dict[int, SiteResult] = {}
     checked = check_replies(replies, arrays, rules or UpdateChecksConfig(), server_round=server_round,
-                            label_of=functools.partial(_label, labels))
+                            label_of=functools.partial(_label, labels, _site_labels(grid)))
     now_rejected = list(checked.rejected)
-    sites, received = read_train_replies(checked.accepted, arrays)
+    sites, received = read_train_replies(checked.accepted, arrays, _site_labels(grid))
     new_arrays, train_metrics = strategy.aggregate_train(server_round, checked.accepted)
     if new_arrays is not None and not finite_arrays(new_arrays):
         now_rejected.append(Rejection(server_round, "(aggregate)", -1, "the aggregate is not finite; the round "
@@ -140,13 +144,16 @@ def run_round(grid: Grid, strategy: Strategy, arrays: ArrayRecord, server_round:
                        Evaluation.of(server_round - 1, received), time.monotonic() - started, now_rejected)
 
 
-def read_train_replies(replies: Iterable[Message], sent: ArrayRecord
+def read_train_replies(replies: Iterable[Message], sent: ArrayRecord, site_labels: SiteLabels | None = None
                        ) -> tuple[list[SiteResult], dict[str, tuple[dict[str, float], int]]]:
-    """Each site's training report, and its scores of the model it received (label -> scores, val images)."""
+    """Each site's training report, and its scores of the model it received (label -> scores, val images).
+
+    ``site_labels`` names the sites of error replies, which carry no label of their own.
+    """
     sites: dict[int, SiteResult] = {}
     received: dict[str, tuple[dict[str, float], int]] = {}
     for message in replies:
-        site = _site(sites, message)
+        site = _site(sites, message, site_labels)
         if message.has_error():
             site.error = message.error.reason or f"error code {message.error.code}"
             continue
@@ -173,7 +180,7 @@ def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: Ar
     instructions = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
     replies = exchange(grid, tell_rejected_sites(instructions, rejected or []), timeout_s)
     checked = check_replies(replies, None, UpdateChecksConfig(), server_round=server_round,
-                            label_of=functools.partial(_label, nodes))
+                            label_of=functools.partial(_label, nodes, _site_labels(grid)))
     for message in checked.accepted:
         if not message.has_error():
             reply = EvaluateReply.from_record(message.content)
@@ -182,8 +189,16 @@ def evaluate_model(grid: Grid, strategy: Strategy, server_round: int, arrays: Ar
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[Message]:
-    """Send ``messages`` and collect the replies that arrive within ``timeout_s``."""
-    pending = set(grid.push_messages(messages))
+    """Send ``messages`` and collect the replies that arrive within ``timeout_s``.
+
+    A site that has not answered by then gets an error reply in its place (code
+    ``NO_REPLY_IN_TIME``): the round goes on without it, and its record says which site
+    was late. (A site whose SuperNode is gone is answered sooner, by the SuperLink's own
+    error reply, once it misses its heartbeats.)
+    """
+    messages = list(messages)
+    sent = dict(zip(grid.push_messages(messages), messages, strict=True))
+    pending = set(sent)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
@@ -192,6 +207,14 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout_s: float) -> list[
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
         if pending:
             time.sleep(POLL_S)
+    site_labels = _site_labels(grid)
+    for message_id in sorted(pending):
+        late = sent[message_id]
+        reason = f"no reply within federation.round_timeout_s={timeout_s:g} s: the round went on without it"
+        node_id = late.metadata.dst_node_id
+        name = f"site {label} (node {node_id})" if (label := site_labels(node_id)) else f"node {node_id}"
+        print(f"rwft: {name}: {reason}", flush=True)
+        replies.append(Message(Error(NO_REPLY_IN_TIME, reason), reply_to=late))
     return replies
 
 
@@ -206,17 +229,25 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
-def _site(sites: dict[int, SiteResult], reply: Message) -> SiteResult:
+def _site(sites: dict[int, SiteResult], reply: Message, site_labels: SiteLabels | None = None) -> SiteResult:
     node_id = reply.metadata.src_node_id
     if node_id not in sites:
-        label = "" if reply.has_error() else label_of(reply.content)
+        if reply.has_error():  # no content: the server's own name for the node, if it has one
+            label = (site_labels(node_id) if site_labels else None) or ""
+        else:
+            label = label_of(reply.content)
         # The label becomes a TensorBoard tag: anything but a valid pseudonym is replaced by the node id.
         sites[node_id] = SiteResult(label if SITE_LABEL.match(label) else f"node-{node_id}", node_id)
     return sites[node_id]
 
 
-def _label(sites: dict[int, SiteResult], reply: Message) -> str:
-    return _site(sites, reply).label
+def _label(sites: dict[int, SiteResult], site_labels: SiteLabels, reply: Message) -> str:
+    return _site(sites, reply, site_labels).label
+
+
+def _site_labels(grid: Grid) -> SiteLabels:
+    """How ``grid`` names a node by its site label (``VettedGrid.site_label``); a plain grid knows no labels."""
+    return getattr(grid, "site_label", lambda node_id: None)
 
 
 def _floats(record: MetricRecord | None) -> dict[str, float]:

@@ -12,7 +12,9 @@ every reply passes through ``VettedGrid`` before the rounds see it:
   restarts gets a new node id and takes its label back once the old node is gone).
 
 A refused reply becomes an error reply with the reason (the round goes on without it,
-and the reason is in the server's log and the round's site errors). Error replies and
+and the reason is in the server's log and the round's site errors), and the refused site
+is told on its own console, with the next message it gets (as for a rejected update,
+``rwft.federation.update_checks.tell_rejected_sites``). Error replies and
 sites left out at a round's timeout are named by their label, not by a node id alone.
 """
 
@@ -26,6 +28,9 @@ from typing import Any
 from flwr.app import Error, Message
 from flwr.serverapp import Grid
 
+from rwft.federation.protocol import CONFIG_KEY, SERVER_ROUND_KEY
+from rwft.federation.update_checks import Rejection, tell_rejected_sites
+
 IDENTITY_REFUSED = 4001  # the error code of a reply refused here (Flower's own codes are below 1000)
 
 
@@ -37,17 +42,17 @@ class VettedGrid:
         self._keys_file = Path(run_dir) / "superlink" / "site_keys.json"
         self._sent: dict[str, Message] = {}
         self._owner: dict[str, int] = {}  # label -> the node that used it first
+        self._refused: dict[int, Rejection] = {}  # node id -> its last refused reply, until it is told
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        # Messages of the previous exchange still unanswered: their sites were left out at its timeout.
-        for original in self._sent.values():
-            print(f"rwft: no reply from {self.name(original.metadata.dst_node_id)} within "
-                  "federation.round_timeout_s: the round went on without it", flush=True)
+        # Messages of the previous exchange still unanswered: rwft.server.rounds.exchange named their sites.
         self._sent.clear()
-        messages = list(messages)
+        messages = tell_rejected_sites(messages, [self._refused.pop(message.metadata.dst_node_id)
+                                                  for message in messages if message.metadata.dst_node_id in
+                                                  self._refused])
         ids = list(self._grid.push_messages(messages))
         self._sent.update(zip(ids, messages, strict=True))
         return ids
@@ -65,6 +70,8 @@ class VettedGrid:
                 replies.append(Message(Error(reply.error.code, f"{site}: {reply.error.reason}"), reply_to=original))
             elif (reason := self.refusal(reply.metadata.src_node_id, _label(reply))) is not None:
                 print(f"rwft: refused a reply: {reason}", flush=True)
+                node_id = reply.metadata.src_node_id
+                self._refused[node_id] = Rejection(_round(original), _label(reply), node_id, reason)
                 replies.append(Message(Error(IDENTITY_REFUSED, reason), reply_to=original))
             else:
                 replies.append(reply)
@@ -72,9 +79,13 @@ class VettedGrid:
 
     def name(self, node_id: int) -> str:
         """``site LABEL (node N)`` when the node's label is known, else ``node N``."""
-        label = self._registered().get(node_id) or next(
-            (label for label, owner in self._owner.items() if owner == node_id), None)
+        label = self.site_label(node_id)
         return f"site {label} (node {node_id})" if label else f"node {node_id}"
+
+    def site_label(self, node_id: int) -> str | None:
+        """The label node ``node_id`` is known by (its key's name, else the label it first used), or None."""
+        return self._registered().get(node_id) or next(
+            (label for label, owner in self._owner.items() if owner == node_id), None)
 
     def refusal(self, node_id: int, label: str) -> str | None:
         """Why node ``node_id`` may not speak for ``label``; None when it may."""
@@ -98,6 +109,12 @@ class VettedGrid:
         if not self._keys_file.is_file():
             return {}
         return {int(entry["node_id"]): name for name, entry in json.loads(self._keys_file.read_text()).items()}
+
+
+def _round(instruction: Message) -> int:
+    config = instruction.content.config_records.get(CONFIG_KEY)
+    value = config.get(SERVER_ROUND_KEY, 0) if config is not None else 0
+    return int(value) if isinstance(value, int) else 0
 
 
 def _label(reply: Message) -> str:

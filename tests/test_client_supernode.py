@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -85,3 +86,43 @@ def test_a_drifted_supernode_stays_stock():
     assert done.stdout.strip() == "ok", done.stderr
     assert "the SuperNode's capped waits is off (start_client_internal.pull_objects takes " \
         "(object_ids, pull_object_fn, timeout)" in done.stderr
+
+
+def test_the_warm_worker_abandons_a_message_that_stops_arriving_but_not_one_it_was_stopped_for(monkeypatch):
+    """A SuperLink gone mid-transfer: the task is given up after STALL_S of waiting. A site whose
+    own process was stopped (SIGSTOP, a suspended machine) waited for nothing: once it runs
+    again it keeps pulling (abandoning the task left the SuperNode waiting for a reply for ever)."""
+    from rwft.clients import worker
+
+    api = runtime_api()
+    monkeypatch.setattr(worker, "STALL_S", 0.5)
+    monkeypatch.setattr(worker, "TRY_GAP_S", 0.1)
+
+    def never(object_id: str) -> bytes:
+        raise api.ObjectUnavailableError(object_id)
+
+    guarded = worker._stall_guard(api, never)
+    started = time.monotonic()
+    with pytest.raises(api.ObjectPullError, match="no part of the message arrived"):
+        while True:
+            try:
+                guarded("abc")
+            except api.ObjectUnavailableError:
+                time.sleep(0.05)
+    assert 0.5 <= time.monotonic() - started < 5
+
+    arrived = {"now": False}
+
+    def later(object_id: str) -> bytes:
+        if not arrived["now"]:
+            raise api.ObjectUnavailableError(object_id)
+        return b"weights"
+
+    guarded = worker._stall_guard(api, later)
+    with pytest.raises(api.ObjectUnavailableError):
+        guarded("abc")
+    time.sleep(1.0)  # this process "stopped" for twice STALL_S
+    with pytest.raises(api.ObjectUnavailableError):
+        guarded("abc")  # still waiting, not abandoned
+    arrived["now"] = True
+    assert guarded("abc") == b"weights"

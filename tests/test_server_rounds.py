@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from rwft.server.rounds import FederationError, exchange, wait_for_sites
+from rwft.server.rounds import NO_REPLY_IN_TIME, FederationError, exchange, wait_for_sites
 
 
 class SilentGrid:
@@ -45,4 +45,18 @@ def test_a_round_goes_on_with_the_replies_it_has_after_the_timeout():
                 for n in grid.get_node_ids()]
     started = time.monotonic()
     replies = exchange(grid, messages, timeout_s=1.0)
-    assert len(replies) == 2 and 1.0 <= time.monotonic() - started < 3
+    assert len(replies) == 3 and 1.0 <= time.monotonic() - started < 3
+    # The silent site gets an error reply in its place: the round's record names it.
+    late = [reply for reply in replies if reply.has_error()]
+    assert [reply.metadata.src_node_id for reply in late] == [3] and late[0].error.code == NO_REPLY_IN_TIME
+    assert "no reply within federation.round_timeout_s=1 s" in late[0].error.reason
+
+
+def test_a_late_site_is_named_by_its_label(capsys):
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    grid = SilentGrid(online=2, answering=1)
+    grid.site_label = {2: "hospitalB"}.get  # as VettedGrid knows it
+    messages = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="train")
+                for n in grid.get_node_ids()]
+    exchange(grid, messages, timeout_s=0.5)
+    assert "rwft: site hospitalB (node 2): no reply within federation.round_timeout_s=0.5 s" in capsys.readouterr().out

@@ -28,9 +28,13 @@ def test_two_sites_with_one_label_are_not_merged(tmp_path, pneumoniamnist_npz, c
     nodes = {10 + i: {"site": "hospitalA", "data-dir": str(path), "work-dir": str(tmp_path / f"site{i}")}
              for i, path in enumerate(files)}
     run_federation(InProcessGrid(client_app, nodes, run_config), run_config)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert re.search(r"node 1[01] calls itself 'hospitalA', a label node 1[01] already uses: every site needs its own "
                      r"--site label", out), out[-3000:]
+    # The refused site itself is told, on its own console, with the next message it gets.
+    assert re.search(r"rwft site hospitalA: the server left this site's reply of round 1 out of the aggregate: node "
+                     r"1[01] calls itself 'hospitalA', a label node 1[01] already uses", captured.err), captured.err[-3000:]
     sites = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"][1]["sites"]
     trained = {label for label, record in sites.items() if "already uses" not in json.dumps(record)}
     assert trained == {"hospitalA"} and len(sites) == 2, sites  # one hospitalA; the other refused, not merged
@@ -66,6 +70,9 @@ def test_a_key_cannot_claim_another_sites_label(tmp_path, pneumoniamnist_npz):
             client.stop()
     log = server.text()
     assert "holds the key of site 'hospitalB' but calls itself 'hospitalA'" in log, log[-3000:]
+    # The impostor is told on its own console, not only in the coordinator's log.
+    assert "out of the aggregate: node" in clients[1].text() and "holds the key of site 'hospitalB' but calls itself " \
+        "'hospitalA': a site's label is its key's file name; that site joins with --site hospitalB" in clients[1].text()
     assert code == 0, log[-3000:]
     sites = json.loads((run / "metrics.json").read_text())["rounds"][1]["sites"]
     trained = {label for label, record in sites.items() if "calls itself" not in json.dumps(record)}

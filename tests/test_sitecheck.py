@@ -80,3 +80,29 @@ def test_real_chest_xray_folder(shared_data: Path) -> None:
     assert report.counts["test"] == [231, 387]
     assert sum(map(sum, (report.counts["train"], report.counts["val"]))) == 5206
     assert not report.unreadable
+
+
+def one_class_npz(source: Path, folder: Path, per_split: int = 40) -> Path:
+    """A MedMNIST-layout site holding only class 0 (NORMAL) in every split, from real images (named
+    like ``source``, whose name tells the dataset its class names)."""
+    data = np.load(source)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        keep = np.flatnonzero(data[f"{split}_labels"].ravel() == 0)[:per_split]
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = data[f"{split}_images"][keep], data[f"{split}_labels"][keep]
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / source.name, **arrays)
+    return folder / source.name
+
+
+def test_a_one_class_site_is_warned_not_refused(tmp_path: Path, pneumoniamnist_npz: Path) -> None:
+    site = one_class_npz(pneumoniamnist_npz, tmp_path / "one_class")
+    report = check_site(site, "medmnist", 28)
+    assert report.counts["train"] == [40, 0] and len(report.warnings) == 3
+    text = report.format()  # what `rwft-client join` prints before it connects
+    assert "warning: the train split has no PNEUMONIA images: this site trains on one class only" in text
+    assert "warning: the val split has no PNEUMONIA images: AUROC is undefined on it" in text
+
+
+def test_a_site_with_every_class_gets_no_warning(tmp_path: Path) -> None:
+    assert check_site(write_site(tmp_path / "site", {"NORMAL": 20, "PNEUMONIA": 20}), image_size=8).warnings == []

@@ -92,6 +92,70 @@ def test_a_rejected_site_alone_is_told_in_its_next_instruction():
     assert REJECTED_REASON_KEY not in told[0].content["config"] and REJECTED_REASON_KEY not in shared
 
 
+def _trained_reply(node: int, model, sent: ArrayRecord, num_examples: int, steps: float) -> Message:
+    from rwft.federation.protocol import TrainReply, shared_arrays
+
+    instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type="train")
+    instruction.metadata.__dict__["_message_id"] = instruction.object_id
+    content = TrainReply(f"site-{node}", shared_arrays(model, False), num_examples, 10,
+                         {"loss": 0.5, "steps": steps}, {}, {}).to_record()
+    reply = Message(content, reply_to=instruction)
+    reply.metadata.__dict__["_src_node_id"] = node
+    return reply
+
+
+@pytest.mark.timeout(600)
+def test_an_honest_site_with_many_more_images_is_not_an_outlier(pneumoniamnist_npz):
+    """Quantity skew: three small hospitals (96 images, 3 local steps) and a large one (20x:
+    60 steps), each one real local epoch from the same global model. The large one moves
+    about 4x as far (the raw rule rejected it); per local step it is ordinary. A x10 update
+    is still rejected, and so is a x1000 one that claims a million steps."""
+    import copy
+    import dataclasses
+
+    from rwft.core.config import load_config
+    from rwft.core.data import load_splits
+    from rwft.core.engine import fit, seed_everything
+    from rwft.core.model import build_model
+    from rwft.federation.protocol import shared_arrays
+
+    cfg = load_config(None, ["data.image_size=28", "train.batch_size=32", "train.lr=0.002", "train.device=cpu",
+                             "train.num_threads=1", f"data.root={pneumoniamnist_npz}"])
+    splits = load_splits(cfg)
+    splits = dataclasses.replace(splits, val=splits.val.subset(np.arange(64)))  # scored once per site: keep it small
+    seed_everything(0)
+    model = build_model(cfg.model, splits.num_classes)
+    sent = shared_arrays(model, False)
+    order = np.random.default_rng(0).permutation(len(splits.train))
+    replies, start = [], 0
+    for node, size in enumerate((96, 96, 96, 1920), start=1):
+        site = dataclasses.replace(splits, train=splits.train.subset(order[start:start + size]))
+        start += size
+        local = copy.deepcopy(model)
+        result = fit(local, site, cfg, epochs=1)
+        replies.append(_trained_reply(node, local, sent, result.num_examples, result.steps))
+    norms = [float(np.linalg.norm(r.content["arrays"][WEIGHTS_KEY].numpy() - sent[WEIGHTS_KEY].numpy()))
+             for r in replies]
+    assert norms[3] > RULES.norm_min_ratio * float(np.median(norms)), norms  # the raw rule's false alarm
+
+    checked = check_replies(replies, sent, RULES, server_round=1, label_of=lambda r: f"site-{r.metadata.src_node_id}")
+    assert not checked.rejected, [r.reason for r in checked.rejected]
+
+    def scaled(reply: Message, factor: float, node: int, steps: float) -> Message:
+        weights = reply.content["arrays"][WEIGHTS_KEY].numpy()
+        delta = weights - sent[WEIGHTS_KEY].numpy()
+        rogue = copy.deepcopy(model)
+        rogue_reply = _trained_reply(node, rogue, sent, 96, steps)
+        rogue_reply.content["arrays"] = ArrayRecord({**dict(rogue_reply.content["arrays"].items()),
+                                                     WEIGHTS_KEY: Array(sent[WEIGHTS_KEY].numpy() + factor * delta)})
+        return rogue_reply
+
+    for rogue in (scaled(replies[0], 10.0, 9, 3), scaled(replies[0], 1000.0, 9, 1e6)):
+        checked = check_replies([*replies, rogue], sent, RULES, server_round=1,
+                                label_of=lambda r: f"site-{r.metadata.src_node_id}")
+        assert [r.site for r in checked.rejected] == ["site-9"] and "update norm" in checked.rejected[0].reason
+
+
 # A stock-Flower ClientApp wrapping rwft's: node 10 (site-0) sends what the hostile tester sent.
 ROGUE_NODE = 10
 rogue_app = ClientApp()
