@@ -17,6 +17,7 @@ message's weights is shorter than Flower's (``PULL_BACKOFF``).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode, SubStatus
 
 from rwft.federation.flower_compat import POLL_S, PULL_BACKOFF, runtime_api
+from rwft.federation.processes import scripts_first_on_path
 
 STALL_S = 30.0  # even over a slow link a 5 MB chunk of weights arrives well within this
 TRY_GAP_S = 5.0  # tries come every POLL_S at most; a longer gap is time this process was stopped, not waiting
@@ -61,8 +63,10 @@ def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) ->
 
 def serve_stock(runtime_address: str, stop: threading.Event) -> None:
     """Flower's own launcher for the SuperNode's ClientApp tasks, until ``stop`` is set."""
+    # flower-superexec starts each ClientApp as `flwr-clientapp`, by name.
     launcher = subprocess.Popen([str(Path(sys.executable).parent / "flower-superexec"), "--insecure",
-                                 "--runtime-api-address", runtime_address, "--plugin-type", "clientapp"])
+                                 "--runtime-api-address", runtime_address, "--plugin-type", "clientapp"],
+                                env=scripts_first_on_path(dict(os.environ)))
     try:
         while not stop.wait(POLL_S) and launcher.poll() is None:
             pass

@@ -49,12 +49,18 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return arm
 
 
+def scripts_first_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this Python's scripts directory first on PATH: Flower starts its helpers
+    (``flwr-clientapp``, ``flwr-serverapp``...) by name, and a virtual environment that is
+    not activated is not on PATH."""
+    return env | {"PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
+
+
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     """The environment for Flower processes: this Python's scripts first on PATH (Flower
     starts ``flower-superexec``, ``flwr-serverapp``... by name), a private ``FLWR_HOME``,
     and no telemetry or update check (sites are often offline; both would wait on the network)."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env = scripts_first_on_path(dict(os.environ))
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"

@@ -152,3 +152,33 @@ def test_the_flower_log_lines_rwft_client_reacts_to_are_those_the_installed_flow
     with pytest.raises(httpx.HTTPStatusError, match=cli.NEW_FEDERATION):
         response.raise_for_status()
     assert "UNAUTHORIZED" in (Path(flwr.__file__).parent / "supernode" / "fleet_http_connection.py").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(480)
+def test_flowers_stock_launcher_runs_rounds_from_a_venv_that_is_not_activated(tmp_path, pneumoniamnist_npz):
+    """Without the warm worker (an adjustment off, or Flower drifted) rwft-client runs Flower's own
+    launcher, which starts each ClientApp as `flwr-clientapp` by name. From a virtual environment
+    that is not on PATH (a service unit, `.venv/bin/rwft-client ...`) that name was not found: the
+    site joined, then every round's message failed and the federation ended `finished:failed`."""
+    from federation_helpers import BIN, TINY
+
+    data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0]
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, RWFT_FLOWER_ADJUSTMENTS="warm-worker",
+               PATH=os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != BIN))
+    client = Started([str(BIN / "rwft-client"), "join", "--site", "hospitalA", "--server", address, "--data",
+                      str(data), "--workdir", str(tmp_path / "work"), "--image-size", "28"], tmp_path / "client.log",
+                     env=env)
+    server = Started([str(BIN / "rwft-server"), "start", *TINY, f"data.root={pneumoniamnist_npz}",
+                      "federation.rounds=1", "federation.min_sites=1", "federation.server_eval=false",
+                      f"federation.address={address}", "federation.wait_timeout_s=120",
+                      f"output_dir={tmp_path / 'run'}"], tmp_path / "server.log")
+    try:
+        code = server.wait(timeout=420)
+    finally:
+        server.stop()
+        client.stop()
+    assert "the warm ClientApp worker is off" in client.text()
+    assert code == 0, server.text()[-3000:] + client.text()[-3000:]
+    assert "No such file or directory: 'flwr-clientapp'" not in client.text()
