@@ -8,7 +8,7 @@ variances then went negative and the model NaN), and its own ε accounting needs
 
 - only the shared **weights** vector (``rwft.federation.protocol.WEIGHTS_KEY``: the
   trainable parameters) is clipped and noised, with the wrapper's own clipping
-  (``compute_clip_model_update``) and noise (``_add_noise_to_aggregated_arrays``).
+  (``compute_clip_model_update``) and noise (``compute_stdv``, ``add_gaussian_noise_inplace``).
   BatchNorm statistics must carry no site data, so the strategy needs
   ``federation.local_bn=true`` (FedBN: statistics never leave the sites) or
   ``model.batchnorm=frozen`` (ImageNet's statistics, fixed and identical everywhere); the
@@ -48,7 +48,7 @@ def dp_fedavg(config: RwftConfig, **common: Any) -> Strategy:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
-    from flwr.supercore.differential_privacy import compute_clip_model_update
+    from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv
 
     from rwft.federation.privacy import SERVER_EPSILON_METRIC, server_epsilon
     from rwft.federation.protocol import WEIGHTS_KEY
@@ -84,9 +84,12 @@ def dp_fedavg(config: RwftConfig, **common: Any) -> Strategy:
             mean, metrics = self.strategy.aggregate_train(server_round, replies)
             if mean is None:
                 return None, metrics
-            noised = self._add_noise_to_aggregated_arrays(mean)
+            # The wrapper's own noise, through Flower's module functions (not its private method).
+            noised = np.asarray(mean[WEIGHTS_KEY].numpy(), np.float32).copy()
+            add_gaussian_noise_inplace([noised], compute_stdv(self.noise_multiplier, self.clipping_norm,
+                                                              self.num_sampled_clients))
             aggregated = ArrayRecord({**{key: value for key, value in self._sent.items() if key != WEIGHTS_KEY},
-                                      WEIGHTS_KEY: Array(np.asarray(noised[WEIGHTS_KEY].numpy(), np.float32))})
+                                      WEIGHTS_KEY: Array(noised)})
             epsilon = server_epsilon(self.noise_multiplier, server_round, server_dp.delta)
             metrics = metrics if metrics is not None else MetricRecord()
             metrics[SERVER_EPSILON_METRIC] = epsilon
