@@ -90,10 +90,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _singular(kind: str) -> str:
-    return "strategy" if kind == "strategies" else kind.removesuffix("s")
-
-
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from rwft.core.plugins import KINDS, get_registries
 
@@ -102,7 +98,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps({kind: [{"name": r.name, "plugin": r.plugin, "description": r.description}
                                  for r in registries.of(kind)] for kind in KINDS}, indent=2))
         return 0
-    rows = [(_singular(kind), r.name, r.plugin, r.description) for kind in KINDS for r in registries.of(kind)]
+    rows = [(r.kind, r.name, r.plugin, r.description) for kind in KINDS for r in registries.of(kind)]
     if not sys.stdout.isatty():
         # Piped or redirected: one tab-separated line per plugin, never wrapped or cut (a rich
         # table fits itself into 80 columns and truncates the plugin module names).

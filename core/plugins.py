@@ -67,15 +67,16 @@ class Registry:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.one = "strategy" if kind == "strategies" else kind.removesuffix("s")  # "unknown strategy", not "strategie"
         self._entries: dict[str, Registration] = {}
 
     def add(self, registration: Registration) -> None:
         if not registration.kind:
-            registration = dataclasses.replace(registration, kind=self.kind[:-1])
+            registration = dataclasses.replace(registration, kind=self.one)
         existing = self._entries.get(registration.name)
         if existing is not None:
             raise PluginError(
-                f"{self.kind[:-1]} {registration.name!r} is registered twice: by plugin "
+                f"{self.one} {registration.name!r} is registered twice: by plugin "
                 f"{existing.plugin!r} and by plugin {registration.plugin!r}. Rename one of "
                 "them, or uninstall/disable one plugin (RWFT_LOAD_PLUGINS)."
             )
@@ -91,7 +92,7 @@ class Registry:
         close = difflib.get_close_matches(name, list(self._entries), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         return (
-            f"unknown {self.kind[:-1]} {name!r}.{hint} Known {self.kind}: "
+            f"unknown {self.one} {name!r}.{hint} Known {self.kind}: "
             f"{', '.join(sorted(self._entries))}. Run `rwft plugins` to see every "
             "registered name and the plugin that provides it."
         )
@@ -196,7 +197,7 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
             def register(name: str, factory: Callable[..., Any], description: str = "",
                          _plugin: str = plugin_name, _registry: Registry = registry,
                          _distribution: str = distribution) -> None:
-                _registry.add(Registration(name, factory, _plugin, description, _distribution, _registry.kind[:-1]))
+                _registry.add(Registration(name, factory, _plugin, description, _distribution, _registry.one))
 
             # Call the hook through pluggy (tracing, wrappers) but one plugin at a
             # time, so that every registration knows which plugin made it.
