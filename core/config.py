@@ -223,6 +223,10 @@ def _check_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{key} must be at least 1 (or null for no limit), got {value}.")
+    if cfg.federation.update_checks.norm_max_step_ratio < 1:
+        # Below 1 a site's steps would be capped under the round's typical steps (0: a division by zero).
+        raise ConfigError("federation.update_checks.norm_max_step_ratio must be at least 1, got "
+                          f"{cfg.federation.update_checks.norm_max_step_ratio}.")
     if not 0.0 < cfg.federation.fraction <= 1.0:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction}.")
     if not 0.0 < cfg.data.val_fraction < 1.0:

@@ -107,6 +107,8 @@ def test_config_values_out_of_range(tmp_path, npz_data):
     _one_line_error(_rwft("train", *npz_data, "train.lr=-1", f"output_dir={tmp_path}/a"), "train.lr must be above 0")
     _one_line_error(_rwft("config", "train.epochs=0"), "train.epochs must be at least 1")
     _one_line_error(_rwft("config", "model.dropout=1.5"), "model.dropout must be in [0, 1)")
+    _one_line_error(_rwft("config", "federation.update_checks.norm_max_step_ratio=0"),
+                    "norm_max_step_ratio must be at least 1")
 
 
 def test_image_size_below_the_backbones_minimum(tmp_path, npz_data):
