@@ -204,14 +204,15 @@ def _federated(cfg: RwftConfig, resume: bool, progress: _Progress) -> dict[str, 
     from rwft.core.tblog import RunLogger
     from rwft.federation.inprocess import InProcessGrid
     from rwft.server.app import run_federation
+    from rwft.server.central_view import RoundRecord
     from rwft.server.launch import prepare_federation
 
     cfg, run_config = prepare_federation(cfg, resume=resume)
     sites = cfg.federation.sites
     nodes = {10 + i: {"partition-id": i, "num-partitions": sites} for i in range(sites)}
 
-    def on_round(record: dict[str, Any]) -> None:
-        progress(int(record["round"]), record.get("global", {}))
+    def on_round(record: RoundRecord) -> None:
+        progress(record.round, record.heldout)
 
     run_federation(InProcessGrid(client_app, nodes, run_config), run_config, on_round=on_round)
     metrics = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())

@@ -84,7 +84,7 @@ def make_strategy(cfg: RwftConfig, registries: Registries | None = None) -> Stra
 
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any], registries: Registries | None = None,
-                   on_round: Callable[[dict[str, Any]], None] | None = None) -> ArrayRecord:
+                   on_round: Callable[[RoundRecord], None] | None = None) -> ArrayRecord:
     """Run (or resume) the federation ``run_config`` describes; returns the final global weights.
 
     ``on_round(record)`` is called with each round's record once the round is committed
@@ -168,7 +168,7 @@ class Federation:
         return tuple(self.holdout.splits.class_names) if self.holdout else DEFAULT_CLASS_NAMES
 
     def commit(self, server_round: int, arrays: ArrayRecord, result: RoundResult | None,
-               on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+               on_round: Callable[[RoundRecord], None] | None = None) -> None:
         """Score, checkpoint, then log round ``server_round`` (``result`` is ``None`` for round 0)."""
         record = round_record(server_round, self.holdout.evaluate(arrays) if self.holdout else {}, result)
         self.last_rejected = result.rejected if result is not None else []

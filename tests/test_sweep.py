@@ -86,6 +86,10 @@ def test_a_crashed_trial_is_retried_from_its_checkpoint(resumed_sweep):
                and runs[1]["resumed_after"] >= 1}
     assert len(retried) >= 1, attempts  # the injected crash came after the first epoch/round's checkpoint
     assert "crashed; retrying from its checkpoint" in resumed_sweep["first_log"]
+    # Only the injected crash: a trial that crashes by itself (every federated trial did, once per
+    # round, when the round records became typed) is a bug that retries must not hide.
+    logs = resumed_sweep["first_log"] + resumed_sweep["resumed"].stderr
+    assert logs.count("crashed; retrying from its checkpoint") == 1, logs[-5000:]
 
 
 @pytest.mark.timeout(2400)
