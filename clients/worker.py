@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,9 @@ def serve(runtime_address: str, client_app: ClientApp, stop: threading.Event) ->
             except httpx.HTTPError as exc:  # the SuperNode is restarting or gone (then ``stop`` is set)
                 if not stop.is_set():
                     print(f"rwft: lost the SuperNode's runtime API ({exc}); retrying", file=sys.stderr, flush=True)
+            except Exception:  # noqa: BLE001 - one task's failure must not take the site out of the federation
+                print("rwft: a task could not be completed; serving the next one:", file=sys.stderr, flush=True)
+                traceback.print_exc()
             stop.wait(POLL_S)
     finally:
         acquirer.close()
@@ -102,7 +106,14 @@ def run_task(api: types.SimpleNamespace, runtime_address: str, token: str, clien
             details = f"{type(exc).__name__}: {exc}"
             print(f"rwft: the task failed: {details}", file=sys.stderr, flush=True)
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
-        api.push_message(client, reply, context)
+        try:
+            api.push_message(client, reply, context)
+        except api.ObjectPushError as exc:
+            # The SuperNode sent the reply on and dropped it before this process had handed over all
+            # of it: the server no longer wanted it (the round went on without this site, which was
+            # stopped or too slow). The site is fine; it serves the next round.
+            status, details = SubStatus.FAILED, f"the reply came too late for its round ({exc})"
+            print(f"rwft: {details}; serving the next round", file=sys.stderr, flush=True)
     finally:
         heartbeat.stop()
         api.push_task_output(client, context, status, details)

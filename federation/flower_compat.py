@@ -182,6 +182,7 @@ def runtime_api(version: str | None = None) -> types.SimpleNamespace | None:
         )
         from flwr.supercore.inflatable.inflatable_utils import (
             ObjectPullError,
+            ObjectPushError,
             ObjectUnavailableError,
             pull_and_inflate_object_from_tree,
         )
@@ -216,7 +217,7 @@ def runtime_api(version: str | None = None) -> types.SimpleNamespace | None:
         SendTaskHeartbeatRequest=SendTaskHeartbeatRequest, TaskType=TaskType, HeartbeatSender=HeartbeatSender,
         make_confirm_message_received_fn_protobuf=make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf=make_pull_object_fn_protobuf, ObjectPullError=ObjectPullError,
-        ObjectUnavailableError=ObjectUnavailableError, pull_and_inflate_object_from_tree=pull_and_inflate_object_from_tree,
+        ObjectPushError=ObjectPushError, ObjectUnavailableError=ObjectUnavailableError, pull_and_inflate_object_from_tree=pull_and_inflate_object_from_tree,
         RuntimeTokenHttpInterceptor=RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor=RuntimeVersionHttpInterceptor,
         make_simple_http_retry_invoker=make_simple_http_retry_invoker, RuntimeHttpClient=RuntimeHttpClient,
