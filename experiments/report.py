@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from rwft.core.errors import RwftError  # noqa: E402
-from rwft.experiments.results import Tables, build_tables, trial_history  # noqa: E402
+from rwft.experiments.results import Tables, build_tables, sweep_variants, trial_history  # noqa: E402
 from rwft.experiments.stats import LEVEL, SEED_KEY, verdict  # noqa: E402
 from rwft.experiments.trials import PREDICTIONS_FILE, SETTING_KEY  # noqa: E402
 
@@ -108,6 +108,11 @@ def _sweep_report(directory: Path, tables: Tables) -> str:
              f"{', '.join(sorted(complete[SETTING_KEY].unique()))}.",
              "Every number is on the held-out **test** split; thresholds and the kept epoch were chosen on "
              "validation only.", ""]
+    variants = sweep_variants(directory)
+    if variants:
+        parts += ["Variants (`variant`, each compared with `default` only):", "",
+                  *[f"- `{name}`: {', '.join(f'`{o}`' for o in overrides) or 'the sweep as it is'}"
+                    for name, overrides in variants.items()], ""]
     if summary.empty:
         parts.append("No trial completed yet: nothing to report.")
         return "\n".join(parts) + "\n"

@@ -24,7 +24,14 @@ from omegaconf import OmegaConf
 
 from rwft.core.metrics import METRIC_NAMES
 from rwft.experiments.stats import Comparison, compare_arms, delong_test, summarise
-from rwft.experiments.trials import ATTEMPTS_FILE, PREDICTIONS_FILE, SETTING_KEY, read_trial
+from rwft.experiments.trials import (
+    ATTEMPTS_FILE,
+    PREDICTIONS_FILE,
+    REFERENCE_VARIANT,
+    SETTING_KEY,
+    VARIANT_KEY,
+    read_trial,
+)
 
 RESULTS_FILE, SUMMARY_FILE, COMPARISONS_FILE, AUROC_TESTS_FILE = (
     "results.csv", "summary.csv", "comparisons.csv", "auroc_tests.csv")
@@ -44,6 +51,13 @@ def sweep_keys(sweep_dir: Path) -> list[str]:
     """The swept keys, in the sweep file's order (``sweep.yaml`` in the sweep directory)."""
     saved = OmegaConf.to_container(OmegaConf.load(sweep_dir / "sweep.yaml"), resolve=True)
     return [*((saved.get("grid") or {}).keys()), *((saved.get("sample") or {}).keys())]  # type: ignore[union-attr]
+
+
+def sweep_variants(sweep_dir: Path) -> dict[str, list[str]]:
+    """The sweep's named variants (name -> its overrides), in the sweep file's order; empty if it has none."""
+    file = sweep_dir / "sweep.yaml"
+    saved = OmegaConf.to_container(OmegaConf.load(file), resolve=True) if file.is_file() else {}
+    return {str(name): list(overrides or []) for name, overrides in (saved.get("variants") or {}).items()}  # type: ignore[union-attr]
 
 
 def collect(sweep_dir: Path, keys: Sequence[str]) -> pd.DataFrame:
@@ -71,7 +85,7 @@ def build_tables(sweep_dir: Path, keys: Sequence[str] | None = None) -> Tables:
     results = collect(sweep_dir, keys)
     complete = results[results["status"] == "complete"].reset_index(drop=True)
     summary = summarise(complete, keys, METRIC_NAMES, extra=EXTRA_COLUMNS) if len(complete) else pd.DataFrame()
-    comparisons = compare_arms(complete, keys, METRIC_NAMES) if len(complete) else []
+    comparisons = compare_arms(complete, keys, METRIC_NAMES, {VARIANT_KEY: REFERENCE_VARIANT}) if len(complete) else []
     return Tables(keys, results, summary, comparisons, _auroc_tests(complete, comparisons))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -208,33 +208,40 @@ class Comparison:
             | asdict(self.test)
 
 
-def compare_arms(results: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str]) -> list[Comparison]:
+def compare_arms(results: pd.DataFrame, keys: Sequence[str], metrics: Sequence[str],
+                 references: Mapping[str, str] | None = None) -> list[Comparison]:
     """Every paired comparison the results allow (see the module docstring).
 
     For each key with two or more values, each pair of its values and each combination of
-    the other keys: the seeds both arms have are paired. Pairs with under two seeds are left
-    out (nothing to test).
+    the other keys: the seeds both arms have are paired. A key in ``references`` whose
+    reference value is present is compared reference vs each other value only (an ablation:
+    every ingredient against the default, not against one another). Pairs with under two
+    seeds are left out (nothing to test).
     """
     varied = [key for key in keys if key != SEED_KEY and results[key].nunique(dropna=False) > 1]
     comparisons = []
     for key in varied:
         others = [k for k in keys if k not in (key, SEED_KEY)]
         values = sorted(results[key].dropna().unique(), key=str)
+        reference = (references or {}).get(key)
+        if reference is not None and reference in {str(v) for v in values}:
+            pairs_of_values = [(reference, v) for v in values if str(v) != reference]
+        else:
+            pairs_of_values = [(a, b) for i, a in enumerate(values) for b in values[i + 1:]]
         groups = results.groupby(others, dropna=False, sort=True) if others else [((), results)]
         for context_values, group in groups:
             context_values = context_values if isinstance(context_values, tuple) else (context_values,)
             context = ", ".join(f"{k}={v}" for k, v in zip(others, context_values))
-            for i, value_a in enumerate(values):
-                for value_b in values[i + 1:]:
-                    arm_a = group[group[key] == value_a].reset_index().set_index(SEED_KEY)
-                    arm_b = group[group[key] == value_b].reset_index().set_index(SEED_KEY)
-                    seeds = sorted(set(arm_a.index) & set(arm_b.index))
-                    if len(seeds) < 2:
-                        continue
-                    pairs = tuple((seed, arm_a.loc[seed, "index"], arm_b.loc[seed, "index"]) for seed in seeds)
-                    for metric in metrics:
-                        test = paired_test(arm_a.loc[seeds, metric], arm_b.loc[seeds, metric])
-                        comparisons.append(Comparison(key, str(value_a), str(value_b), context, metric, test, pairs))
+            for value_a, value_b in pairs_of_values:
+                arm_a = group[group[key] == value_a].reset_index().set_index(SEED_KEY)
+                arm_b = group[group[key] == value_b].reset_index().set_index(SEED_KEY)
+                seeds = sorted(set(arm_a.index) & set(arm_b.index))
+                if len(seeds) < 2:
+                    continue
+                pairs = tuple((seed, arm_a.loc[seed, "index"], arm_b.loc[seed, "index"]) for seed in seeds)
+                for metric in metrics:
+                    test = paired_test(arm_a.loc[seeds, metric], arm_b.loc[seeds, metric])
+                    comparisons.append(Comparison(key, str(value_a), str(value_b), context, metric, test, pairs))
     return comparisons
 
 

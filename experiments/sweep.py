@@ -9,6 +9,9 @@ A sweep file (see ``examples/sweep_smoke.yaml`` and ``examples/paper/``)::
       setting: [centralised, federated]
       model.pretrained: [true, false]
       seed: [0, 1, 2, 3, 4]
+    variants:                          # named sets of overrides, chosen by grid.variant: one
+      default: []                      # ingredient at a time (an ablation), each compared with
+      ema: [train.ema_decay=0.99]      # ``default`` only, not with one another
     sample:                            # drawn num_samples times per grid point
       train.lr: {loguniform: [1.0e-4, 1.0e-2]}
     num_samples: 1
@@ -44,12 +47,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rwft.core.config import load_config
 from rwft.core.errors import ConfigError, RwftError
-from rwft.experiments.trials import SETTING_KEY, SETTINGS, STEP_METRIC, VAL_METRIC, Trial, is_complete, run_trial
+from rwft.experiments.trials import (
+    SETTING_KEY,
+    SETTINGS,
+    STEP_METRIC,
+    VAL_METRIC,
+    VARIANT_KEY,
+    Trial,
+    is_complete,
+    run_trial,
+)
 
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep, saved in the sweep directory
 TUNE_NAME = "tune"  # Ray Tune's experiment folder inside the sweep directory
-SWEEP_KEYS = ("base", "overrides", "centralised", "federated", "grid", "sample", "num_samples", "resources",
-              "max_failures", "scheduler", "output_dir")
+SWEEP_KEYS = ("base", "overrides", "centralised", "federated", "variants", "grid", "sample", "num_samples",
+              "resources", "max_failures", "scheduler", "output_dir")
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 # Paths in a trial's config must be absolute: Ray runs trials in other working directories.
 PATH_KEYS = ("data.root", "data.cache_dir", "model.weights")
@@ -71,6 +83,7 @@ class Sweep:
     max_failures: int = 1
     asha: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -83,7 +96,7 @@ class Sweep:
     def trial(self, params: dict[str, Any]) -> Trial:
         name = trial_name(params)
         return Trial(name, params, self.config_file, self.overrides, str(self.sweep_dir / "trials" / name),
-                     self.setting_overrides)
+                     self.setting_overrides, self.variants)
 
     def param_keys(self) -> list[str]:
         return [*self.grid, *self.sample]
@@ -141,7 +154,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
         grid=grid, sample=sample, num_samples=int(spec.get("num_samples", 1)),
         cpu=float(resources.get("cpu", 1)), gpu=float(resources.get("gpu", 0)),
         max_failures=int(spec.get("max_failures", 1)),
-        asha=_asha(scheduler, file), raw=spec,
+        asha=_asha(scheduler, file), raw=spec, variants=_variants(spec, file),
     )
     _check(sweep, file)
     return sweep
@@ -166,6 +179,14 @@ def _string_list(spec: dict[str, Any], key: str, file: Path) -> list[str]:
         raise ConfigError(f"sweep file {file}: {key} must be a list of key=value strings, e.g. "
                           f"[data.image_size=28].")
     return list(value)
+
+
+def _variants(spec: dict[str, Any], file: Path) -> dict[str, tuple[str, ...]]:
+    variants = spec.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"sweep file {file}: variants must map a name to a list of key=value strings, e.g. "
+                          "{default: [], ema: [train.ema_decay=0.99]}.")
+    return {str(name): tuple(_string_list(variants, name, file)) for name in variants}
 
 
 def _samplers(sample: dict[str, Any], file: Path) -> dict[str, dict[str, list[Any]]]:
@@ -209,6 +230,14 @@ def _check(sweep: Sweep, file: Path) -> None:
             if bad:
                 raise ConfigError(f"sweep file {file}: grid.{SETTING_KEY} values must be {' or '.join(SETTINGS)}, "
                                   f"got {bad}.")
+        if key == VARIANT_KEY:
+            unknown = [v for v in values if str(v) not in sweep.variants]
+            if unknown:
+                raise ConfigError(f"sweep file {file}: grid.{VARIANT_KEY} names {unknown}, which variants does not "
+                                  f"define (it has {', '.join(sweep.variants) or 'none'}).")
+    if sweep.variants and VARIANT_KEY not in sweep.grid:
+        raise ConfigError(f"sweep file {file}: variants are defined but grid.{VARIANT_KEY} picks none of them: add "
+                          f"grid.{VARIANT_KEY}: [{', '.join(sweep.variants)}].")
     defaults = OmegaConf.structured(load_config(None, []))
     for key in sweep.sample:
         if OmegaConf.select(defaults, key, default="__missing__") == "__missing__":

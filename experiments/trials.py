@@ -47,6 +47,8 @@ from rwft.core.errors import ConfigError
 
 SETTING_KEY = "setting"  # the sweep key choosing centralised or federated trials
 SETTINGS = ("centralised", "federated")
+VARIANT_KEY = "variant"  # the sweep key choosing one of the sweep file's named sets of overrides (``variants``)
+REFERENCE_VARIANT = "default"  # the variant every other one is compared with, when the sweep has it
 CRASH_ONCE_ENV = "RWFT_TEST_CRASH_ONCE"  # tests: the first trial to checkpoint creates this file and crashes
 TRIAL_FILE = "trial.json"
 PREDICTIONS_FILE = "predictions.npz"
@@ -62,23 +64,33 @@ class Trial:
     """One point of a sweep: its parameters and the config they give, and where it runs."""
 
     name: str
-    params: dict[str, Any]  # sweep key -> value (config keys, and ``setting``)
+    params: dict[str, Any]  # sweep key -> value (config keys, ``setting`` and ``variant``)
     config_file: str | None  # the sweep's base experiment file (absolute)
     overrides: tuple[str, ...]  # the sweep's overrides for every trial, then per setting
     run_dir: str  # absolute
     setting_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # variant name -> its overrides
 
     @property
     def setting(self) -> str:
         return str(self.params.get(SETTING_KEY, "centralised"))
 
     def config(self) -> RwftConfig:
-        """The trial's config: base file, sweep overrides, the setting's overrides, the trial's parameters."""
+        """The trial's config: base file, sweep overrides, the setting's overrides, the variant's overrides,
+        the trial's parameters."""
         if self.setting not in SETTINGS:
             raise ConfigError(f"{SETTING_KEY}={self.setting!r} is not one of {', '.join(SETTINGS)}.")
-        params = [f"{key}={_as_override(value)}" for key, value in self.params.items() if key != SETTING_KEY]
+        variant: tuple[str, ...] = ()
+        if VARIANT_KEY in self.params:
+            name = str(self.params[VARIANT_KEY])
+            if name not in self.variants:
+                raise ConfigError(f"{VARIANT_KEY}={name!r} is not one of the sweep's variants "
+                                  f"({', '.join(self.variants) or 'none defined'}).")
+            variant = self.variants[name]
+        params = [f"{key}={_as_override(value)}" for key, value in self.params.items()
+                  if key not in (SETTING_KEY, VARIANT_KEY)]
         return load_config(self.config_file, [*self.overrides, *self.setting_overrides.get(self.setting, ()),
-                                              *params, f"output_dir={self.run_dir}"])
+                                              *variant, *params, f"output_dir={self.run_dir}"])
 
 
 def _as_override(value: Any) -> str:

@@ -112,3 +112,16 @@ def test_delong_agrees_with_a_paired_bootstrap(shift, significant):
     assert (delong.p < 0.05) == (boot.p < 0.05) == significant
     if significant:
         assert delong.p < 0.001 and delong.ci_low > 0
+
+
+def test_an_ablation_compares_each_variant_with_the_default_only():
+    rng = np.random.default_rng(1)
+    effect = {"default": 0.0, "ema": 0.02, "lpft": 0.04}
+    results = pd.DataFrame([{"variant": name, "seed": seed, "auroc": 0.85 + shift + 0.01 * seed + rng.normal(0, 0.001)}
+                            for name, shift in effect.items() for seed in range(5)])
+    comparisons = compare_arms(results, ["variant", "seed"], ["auroc"], references={"variant": "default"})
+    assert [(c.a, c.b) for c in comparisons] == [("default", "ema"), ("default", "lpft")]  # not ema vs lpft
+    for c in comparisons:
+        assert c.test.mean_diff == pytest.approx(effect[c.b], abs=0.003)
+    # Without a reference every pair is compared (as for any other key).
+    assert len(compare_arms(results, ["variant", "seed"], ["auroc"])) == 3

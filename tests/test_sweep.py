@@ -183,3 +183,24 @@ def test_sweep_file_mistakes_are_one_clear_line(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "centralised or federated" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_variants_are_named_sets_of_overrides_checked_before_anything_runs(tmp_path):
+    sweep_file = tmp_path / "ablation.yaml"
+    sweep_file.write_text("variants:\n  default: []\n  lpft: [train.lp_epochs=1, train.ft_lr_scale=0.2]\n"
+                          "grid:\n  variant: [default, lpft]\n  seed: [0, 1]\noutput_dir: out\n")
+    sweep = load_sweep(sweep_file)
+    configs = {(p["variant"], p["seed"]): sweep.trial(p).config() for p in sweep.grid_points()}
+    assert len(configs) == 4
+    assert configs[("lpft", 1)].train.lp_epochs == 1 and configs[("lpft", 1)].train.ft_lr_scale == 0.2
+    assert configs[("default", 1)].train.lp_epochs == 0 and configs[("default", 1)].seed == 1
+    sweep_file.write_text("variants:\n  default: []\ngrid:\n  variant: [default, emaa]\noutput_dir: out\n")
+    with pytest.raises(ConfigError, match="emaa"):
+        load_sweep(sweep_file)
+    sweep_file.write_text("variants:\n  default: []\n  ema: [train.ema_decay=0.99]\ngrid:\n  seed: [0]\n"
+                          "output_dir: out\n")
+    with pytest.raises(ConfigError, match=r"grid.variant: \[default, ema\]"):
+        load_sweep(sweep_file)
+    sweep_file.write_text("variants:\n  ema: [train.ema_decayy=0.99]\ngrid:\n  variant: [ema]\noutput_dir: out\n")
+    with pytest.raises(ConfigError, match="ema_decayy"):
+        load_sweep(sweep_file)
