@@ -36,7 +36,7 @@ import tomli_w
 from rwft.core.errors import RwftError
 from rwft.federation.processes import ChildProcess, flower_env, free_port, port_open, run_command, split_address
 from rwft.federation.protocol import check_site_label
-from rwft.federation.site_keys import check_site_private_key, create_site_key
+from rwft.federation.site_keys import check_site_private_key, create_site_key, hold_site_key
 from rwft.federation.tls import check_root_certificate, diagnose_connection, is_loopback
 
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's runtime API serves only this machine's ClientApp
@@ -111,6 +111,11 @@ def _join(args: argparse.Namespace) -> int:
                         "it set federation.certificates) and its SHA-256 fingerprint: get the file from the "
                         "coordinator and compare the fingerprint (`openssl x509 -noout -fingerprint -sha256 -in "
                         "ca.crt`). Only inside a VPN you trust: --insecure.")
+    if args.auth_key and not args.root_certificates:
+        raise RwftError("--auth-key needs a TLS connection (Flower signs a site's requests only over TLS): add "
+                        "--root-certificates ca.crt, the federation's CA from the coordinator.")
+    # Checked and held first: a site started twice learns it at once, not after its data check.
+    key = hold_site_key(check_site_private_key(args.auth_key)) if args.auth_key else None
     data = str(Path(args.data).expanduser().resolve())
     dataset = args.dataset or dataset_for_path(data)
     print(check_site(data, dataset, args.image_size).format(), flush=True)
@@ -127,8 +132,8 @@ def _join(args: argparse.Namespace) -> int:
         if not args.insecure:
             print("rwft-client: warning: without --root-certificates the connection is not encrypted. Fine only "
                   "when the server runs on this machine.", file=sys.stderr, flush=True)
-    if args.auth_key:
-        transport += ["--auth-supernode-private-key", str(check_site_private_key(args.auth_key))]
+    if key is not None:
+        transport += ["--auth-supernode-private-key", key.name]
     port = args.port or free_port(RUNTIME_HOST)
     command = [sys.executable, "-m", "rwft.clients.supernode", *transport, "--superlink", args.server,
                "--host", RUNTIME_HOST, "--port", str(port), "--node-config", str(node_config)]
@@ -171,8 +176,8 @@ def _join(args: argparse.Namespace) -> int:
         # yet (sites often start first), or the same key is connected already; wait instead of giving up.
         if args.auth_key and KEY_REFUSED in log:
             print(f"rwft-client: the federation at {args.server} has not admitted the key {args.auth_key}: either "
-                  f"its NAME.pub is not (yet) in the coordinator's federation.site_keys folder, or another "
-                  f"SuperNode holding this key is connected right now (this site started twice?). Trying again in "
+                  f"its NAME.pub is not (yet) in the coordinator's federation.site_keys folder, or a site on "
+                  f"another machine is connected with this key right now (one key per site). Trying again in "
                   f"{ADMISSION_RETRY_S:.0f} s; Ctrl-C to stop.", file=sys.stderr, flush=True)
             time.sleep(ADMISSION_RETRY_S)
             continue

@@ -12,8 +12,10 @@ and ``flower-supernode --auth-supernode-private-key`` read; made with ``cryptogr
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -57,6 +59,23 @@ def check_site_private_key(path: str | os.PathLike[str]) -> Path:
         raise RwftError(f"--auth-key {path}: not an unencrypted OpenSSH EC private key. Pass the NAME.key that "
                         "`rwft-client keygen` wrote (not the .pub file).")
     return file
+
+
+def hold_site_key(path: Path) -> BinaryIO:
+    """An exclusive lock on the private key ``path`` for as long as the returned handle is open.
+
+    A SuperLink refuses a key that another SuperNode holds with the same answer as a key it
+    never registered; a site started twice on one machine is the usual cause, and this says so
+    instead, before anything connects.
+    """
+    handle = open(path, "rb")  # noqa: SIM115 - held open by the caller: the lock lives as long as the handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RwftError(f"--auth-key {path} is in use by another rwft-client on this machine (this site started "
+                        "twice?). Stop that one first; every site joins with its own key.") from None
+    return handle
 
 
 def site_public_keys(folder: str | os.PathLike[str]) -> dict[str, Path]:

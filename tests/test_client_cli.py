@@ -60,6 +60,38 @@ def test_sigterm_leaves_the_federation_and_stops_the_supernode(tmp_path, pneumon
     assert "every file is readable" in client.text() and "left the federation" in client.text()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_key_already_held_on_this_machine_is_named_in_use(tmp_path, pneumoniamnist_npz):
+    """Flower answers a key another SuperNode holds as it answers one never registered; the usual
+    cause, a site started twice on one machine, is caught here and said in one line."""
+    from rwft.federation.site_keys import create_site_key
+    from rwft.federation.tls import create_certificates
+
+    key, _ = create_site_key(tmp_path / "keys", "hospitalA")
+    site = ["--auth-key", str(key), "--root-certificates", str(create_certificates(tmp_path / "certs", []) / "ca.crt")]
+    data = make_site_files(pneumoniamnist_npz, 2, tmp_path / "data")[0]
+    server = f"127.0.0.1:{free_port()}"  # nobody listens: the first site keeps trying to connect
+    for name in ("first", "second", "plain"):
+        (tmp_path / name).mkdir()
+    first = join("hospitalA", server, data, tmp_path / "first" / "work", extra=site)
+    second = None
+    try:
+        wait_for(lambda: "connecting to" in first.text(), 120, "the first site's SuperNode")
+        second = join("hospitalA", server, data, tmp_path / "second" / "work", extra=site)
+        assert second.wait(timeout=60) == 2, second.text()[-3000:]
+        assert f"--auth-key {key} is in use by another rwft-client on this machine" in second.text()
+        assert "Traceback" not in second.text() and not (tmp_path / "second" / "work").exists()
+        assert first.process.poll() is None, first.text()[-3000:]  # the site that holds the key is untouched
+        # A key without TLS: said before anything starts (Flower would stop with its exit code 303).
+        plain = join("hospitalB", server, data, tmp_path / "plain" / "work", extra=["--auth-key", str(key)])
+        assert plain.wait(timeout=60) == 2 and "--auth-key needs a TLS connection" in plain.text(), plain.text()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
 def _node_ids(client) -> list[str]:
     return re.findall(r"joined the federation as node (\d+)", client.text())
 
