@@ -12,7 +12,7 @@ validation scoring in every row), as wall-clock seconds and as this process's CP
 (less sensitive to other load on a shared machine); the first epoch, which also loads the
 data and builds the model, is left out.
 
-    python benchmarks/dp_utility.py --epsilons 1,3,8 --epochs 3 --max-train-images 1000
+    python benchmarks/dp_utility.py --epsilons 1,3,8 --epochs 3 --max-train-images 1000 [--seed 1]
 
 Prints one JSON line per row and a Markdown table (``--output`` also writes the JSON).
 """
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     parser.add_argument("--max-train-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="run again with other seeds: one seed is not a curve")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "pneumoniamnist.npz"))
     parser.add_argument("--skip-baseline", action="store_true",
                         help="only the DP rows (run the rows as parallel processes on a shared machine)")
@@ -52,7 +53,7 @@ def main() -> None:
     common = [f"data.root={args.data}", f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
               f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.device=cpu", "train.bootstrap=200",
               f"train.num_threads={args.threads}", f"data.max_train_images={args.max_train_images}",
-              "model.batchnorm=frozen"]
+              "model.batchnorm=frozen", f"seed={args.seed}"]
     rows = [] if args.skip_baseline else [("no DP", [])]
     rows += [(f"target epsilon {eps}", [
         "train.dp.enabled=true", f"train.dp.target_epsilon={eps}", f"train.dp.max_grad_norm={args.clip}",
@@ -73,7 +74,7 @@ def main() -> None:
             # pays for loading data and building the model, so it is left out when there are more.
             spans = [b[0] - a[0] for a, b in zip(epoch_ends, epoch_ends[1:], strict=False)]
             cpu = [b[1] - a[1] for a, b in zip(epoch_ends, epoch_ends[1:], strict=False)]
-            results.append({"row": name, "auroc": test["value"], "ci95": test["ci95"],
+            results.append({"row": name, "seed": args.seed, "auroc": test["value"], "ci95": test["ci95"],
                             "epsilon_spent": privacy["epsilon"] if privacy else None,
                             "noise_multiplier": privacy["noise_multiplier"] if privacy else None,
                             "seconds_per_epoch": sum(spans) / len(spans) if spans else total / args.epochs,
