@@ -186,7 +186,8 @@ def _variants(spec: dict[str, Any], file: Path) -> dict[str, tuple[str, ...]]:
     if not isinstance(variants, dict):
         raise ConfigError(f"sweep file {file}: variants must map a name to a list of key=value strings, e.g. "
                           "{default: [], ema: [train.ema_decay=0.99]}.")
-    return {str(name): tuple(_string_list(variants, name, file)) for name in variants}
+    return {str(name): tuple(_string_list({f"variants.{name}": value}, f"variants.{name}", file))
+            for name, value in variants.items()}
 
 
 def _samplers(sample: dict[str, Any], file: Path) -> dict[str, dict[str, list[Any]]]:
