@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,17 +48,21 @@ class Tables:
     auroc_tests: pd.DataFrame
 
 
+def _saved_sweep(sweep_dir: Path) -> dict[str, Any]:
+    """The resolved sweep file a sweep directory keeps (``sweep.yaml``)."""
+    return OmegaConf.to_container(OmegaConf.load(sweep_dir / "sweep.yaml"), resolve=True)  # type: ignore[return-value]
+
+
 def sweep_keys(sweep_dir: Path) -> list[str]:
     """The swept keys, in the sweep file's order (``sweep.yaml`` in the sweep directory)."""
-    saved = OmegaConf.to_container(OmegaConf.load(sweep_dir / "sweep.yaml"), resolve=True)
-    return [*((saved.get("grid") or {}).keys()), *((saved.get("sample") or {}).keys())]  # type: ignore[union-attr]
+    saved = _saved_sweep(sweep_dir)
+    return [*((saved.get("grid") or {}).keys()), *((saved.get("sample") or {}).keys())]
 
 
 def sweep_variants(sweep_dir: Path) -> dict[str, list[str]]:
     """The sweep's named variants (name -> its overrides), in the sweep file's order; empty if it has none."""
-    file = sweep_dir / "sweep.yaml"
-    saved = OmegaConf.to_container(OmegaConf.load(file), resolve=True) if file.is_file() else {}
-    return {str(name): list(overrides or []) for name, overrides in (saved.get("variants") or {}).items()}  # type: ignore[union-attr]
+    variants = _saved_sweep(sweep_dir).get("variants") or {}
+    return {str(name): list(overrides or []) for name, overrides in variants.items()}
 
 
 def collect(sweep_dir: Path, keys: Sequence[str]) -> pd.DataFrame:
