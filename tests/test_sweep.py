@@ -204,3 +204,14 @@ def test_variants_are_named_sets_of_overrides_checked_before_anything_runs(tmp_p
     sweep_file.write_text("variants:\n  ema: [train.ema_decayy=0.99]\ngrid:\n  variant: [ema]\noutput_dir: out\n")
     with pytest.raises(ConfigError, match="ema_decayy"):
         load_sweep(sweep_file)
+
+
+def test_every_committed_sweep_file_resolves_every_trial(tmp_path):
+    """A typo in a committed sweep (a key, a variant, a value), or a config key renamed under it, would
+    surface hours into a run: every sweep file under examples/ and benchmarks/ loads, which builds every
+    one of its trials' configs (``load_sweep`` checks them all before anything runs)."""
+    sweep_files = [path for path in sorted([*ROOT.glob("examples/**/*.yaml"), *ROOT.glob("benchmarks/**/*.yaml")])
+                   if "\ngrid:" in "\n" + path.read_text()]
+    assert len(sweep_files) >= 10, sweep_files  # the paper profiles, the recipe ablations, the smoke sweep
+    for path in sweep_files:
+        assert load_sweep(path, [f"output_dir={tmp_path / path.stem}"]).total >= 2, path
