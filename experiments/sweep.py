@@ -22,7 +22,9 @@ A sweep file (see ``examples/sweep_smoke.yaml`` and ``examples/paper/``)::
 
 Command-line ``key=value`` items whose first part is a sweep-file key (``output_dir=``,
 ``resources.cpu=``, ``max_failures=``...) change the sweep; any other is a config override for
-every trial (``data.root=...``). The sweep directory holds ``sweep.yaml`` (resolved),
+every trial (``data.root=...``), applied after the file's ``overrides`` and setting blocks (it
+wins over them: ``federation.rounds=1`` for a quick look at a federated profile) and before the
+variant and the grid's parameters, which define the arms. The sweep directory holds ``sweep.yaml`` (resolved),
 ``trials/<name>/`` (one run directory per trial, ``rwft.experiments.trials``), ``tune/``
 (Ray Tune's experiment state, for ``--resume``), ``results.csv``, ``summary.csv`` and
 ``comparisons.csv`` (``rwft.experiments.results``).
@@ -140,8 +142,11 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     config_file = str((file.parent / base).resolve()) if base else None
     if "output_dir" not in spec:
         raise ConfigError(f"sweep file {file} names no output_dir: add output_dir: runs/NAME, or pass output_dir=DIR.")
-    common = [*_string_list(spec, "overrides", file), *config_items]
-    setting_overrides = {s: tuple(_string_list(spec, s, file)) for s in SETTINGS}
+    common = _string_list(spec, "overrides", file)
+    # The command line's config overrides come after the setting's block, so that they win over
+    # everything in the file except what defines the arms (variants and grid parameters).
+    given = _absolute_paths_given(config_items)
+    setting_overrides = {s: (*_string_list(spec, s, file), *given) for s in SETTINGS}
     grid = {k: (list(v) if isinstance(v, (list, ListConfig)) else [v])
             for k, v in _dotted(spec.get("grid") or {}, is_leaf=lambda v: not isinstance(v, dict)).items()}
     sample = _samplers(_dotted(spec.get("sample") or {}, is_leaf=lambda v: not isinstance(v, dict)
@@ -209,6 +214,12 @@ def _asha(scheduler: Any, file: Path) -> dict[str, Any] | None:
         return dict(scheduler["asha"] or {})
     raise ConfigError(f"sweep file {file}: scheduler must be none, asha or {{asha: {{grace_period: 1, "
                       f"reduction_factor: 2}}}}, got {scheduler!r}.")
+
+
+def _absolute_paths_given(overrides: list[str]) -> list[str]:
+    """``overrides`` with the paths they set (``PATH_KEYS``) made absolute (relative to the current directory)."""
+    return [f"{key}={Path(value).expanduser().resolve()}" if key in PATH_KEYS and value not in ("", "null") else item
+            for item in overrides for key, value in [(item.split("=", 1)[0].strip(), item.split("=", 1)[1])]]
 
 
 def _absolute_paths(config_file: str | None, overrides: list[str]) -> list[str]:
@@ -370,7 +381,8 @@ def save_resolved(sweep: Sweep) -> None:
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep.sweep_dir / SWEEP_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(
         sweep.raw | {"output_dir": str(sweep.sweep_dir), "base": sweep.config_file,
-                     "overrides": list(sweep.overrides)})))
+                     "overrides": list(sweep.overrides)}
+        | {setting: list(items) for setting, items in sweep.setting_overrides.items()})))
 
 
 def resolve_resume(path: str, overrides: Sequence[str]) -> Sweep:

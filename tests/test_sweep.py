@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from federation_helpers import Started, wait_for
+from omegaconf import OmegaConf
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rwft.core.errors import ConfigError
-from rwft.experiments.sweep import load_sweep
+from rwft.experiments.sweep import load_sweep, resolve_resume, save_resolved
 from rwft.experiments.trials import CRASH_ONCE_ENV
 
 pytestmark = pytest.mark.integration
@@ -215,3 +216,31 @@ def test_every_committed_sweep_file_resolves_every_trial(tmp_path):
     assert len(sweep_files) >= 10, sweep_files  # the paper profiles, the recipe ablations, the smoke sweep
     for path in sweep_files:
         assert load_sweep(path, [f"output_dir={tmp_path / path.stem}"]).total >= 2, path
+
+
+def test_command_line_overrides_win_over_the_files_blocks_but_not_over_the_arms(tmp_path, monkeypatch):
+    """`rwft sweep FILE federation.rounds=1` must mean one round even where the file's federated block sets
+    three (it used to be silently overridden by the block); variants and grid parameters still win, and a
+    resumed sweep builds the same configs."""
+    monkeypatch.chdir(tmp_path)
+    sweep_file = tmp_path / "profile.yaml"
+    sweep_file.write_text("overrides: [train.epochs=3]\nfederated: [federation.rounds=3, federation.sites=3]\n"
+                          "variants:\n  default: []\n  long: [train.epochs=6]\n"
+                          "grid:\n  setting: [centralised, federated]\n  variant: [default, long]\n  seed: [0, 1]\n"
+                          "output_dir: out\n")
+    sweep = load_sweep(sweep_file, ["federation.rounds=1", "train.epochs=2", "data.root=data/xrays.npz"])
+
+    def configs(of):
+        return {(p["setting"], p["variant"], p["seed"]): of.trial(p).config() for p in of.grid_points()}
+
+    built = configs(sweep)
+    assert built[("federated", "default", 0)].federation.rounds == 1  # the command line beats the block
+    assert built[("federated", "default", 0)].federation.sites == 3  # the rest of the block stays
+    assert built[("centralised", "default", 1)].train.epochs == 2  # and beats the file's overrides
+    assert built[("federated", "long", 0)].train.epochs == 6  # a variant defines an arm: it wins
+    assert built[("centralised", "long", 1)].seed == 1
+    assert built[("centralised", "default", 0)].data.root == str(tmp_path / "data" / "xrays.npz")  # made absolute
+    save_resolved(sweep)
+    resumed = configs(resolve_resume(str(sweep.sweep_dir), []))
+    assert {key: OmegaConf.to_yaml(cfg) for key, cfg in resumed.items()} == \
+        {key: OmegaConf.to_yaml(cfg) for key, cfg in built.items()}
