@@ -3,7 +3,7 @@
     PYTHONPATH=.pyroot python benchmarks/eval_ingredients.py runs/paper/recipe_ablation_cpu \
         --data ../shared/data/chest_xray
     PYTHONPATH=.pyroot python benchmarks/eval_ingredients.py runs/paper/recipe_ablation_cpu_fedbn \
-        --data ../shared/data/chest_xray --variants all --rules youden,adabn,sites
+        --data ../shared/data/chest_xray --variants default,class_weights --rules youden,adabn,sites
 
 Test-time augmentation, temperature scaling, the threshold policies, BatchNorm statistics
 re-estimated on the test images (AdaBN, transductive) and an ensemble of the seeds change
@@ -21,9 +21,9 @@ re-estimated on validation and on the test images, unlabelled) and, for a FedBN 
 BatchNorm layers that stayed at the site, ``sites/*/local-weights``) scored, the sites'
 metrics averaged. A FedBN trial's own numbers score the shared weights with the backbone's
 initial BatchNorm (``rwft.server.holdout``), which understates every site's model; ``sites``
-and ``adabn`` are the numbers to read there. With ``--variants all`` every variant is scored
-(the variants compared with ``default`` under each rule, the rules with ``youden`` within
-each variant).
+and ``adabn`` are the numbers to read there. With ``--variants all`` (or a list) more variants
+than ``default`` are scored (the variants compared with ``default`` under each rule, the rules
+with ``youden`` within each variant).
 
 The ensemble (softmax outputs of the setting's default seeds averaged) is one model, not one
 per seed, so it is compared with each member on the same test images by DeLong's test. Its
@@ -116,8 +116,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--data", help="data.root of the trials (default: the one in their config)")
-    parser.add_argument("--variants", choices=("default", "all"), default="default",
-                        help="score the default variant's trials only (default), or every variant's")
+    parser.add_argument("--variants", default=REFERENCE_VARIANT,
+                        help="comma-separated variants whose trials are scored (default: default), or all")
     parser.add_argument("--rules", default=",".join(RULES[:-1]),
                         help=f"comma-separated, from {', '.join(RULES)} (default: all but sites)")
     parser.add_argument("--tta", type=int, default=4, help="augmented views for the tta rule")
@@ -138,8 +138,8 @@ def main() -> int:
     if VARIANT_KEY not in trials:
         trials[VARIANT_KEY] = REFERENCE_VARIANT
     trials = trials[trials["status"] == "complete"]
-    if args.variants == "default":
-        trials = trials[trials[VARIANT_KEY] == REFERENCE_VARIANT]
+    if args.variants != "all":
+        trials = trials[trials[VARIANT_KEY].isin([v.strip() for v in args.variants.split(",")])]
     if trials.empty:
         sys.exit(f"{args.sweep_dir} has no complete trials to score.")
 
