@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
-# The recipe ablation (issue 10, items 3-5) on one GPU: chest_xray at 224 px, each recipe
-# ingredient added ONE AT A TIME to the default recipe, over several seeds, then the
-# evaluation-only ingredients (threshold policies, temperature, TTA, AdaBN, ensembles) on
-# the default arm's checkpoints. Written for a later GPU session; NOT run yet.
+# The recipe ablation (issue 10), CENTRALISED arms only, as a plain loop over `rwft train` on
+# one GPU: chest_xray at 224 px, each recipe ingredient added ONE AT A TIME to the default
+# recipe, over several seeds, then the evaluation-only ingredients (threshold policies,
+# temperature, TTA, AdaBN, ensembles) on the default arm's checkpoints. The full ablation,
+# centralised AND federated, with the sweep's paired statistics, is
+# examples/paper/recipe_ablation_gpu224.yaml through benchmarks/gpu_sweep.sh; this loop is
+# the quickest look at the centralised side. NOT run yet (no GPU lent so far).
 #
-# The device image has no Ray (and no omegaconf/weights package: they travel as in
-# benchmarks/gpu_suite.sh, in the ignored folders .whl/ and .gpudata/, passed with
-# carry=[".whl", ".gpudata"]). This script is a plain loop over `rwft train`; once
-# `rwft sweep --backend local` exists, the files in examples/paper/recipe/ express the same
-# arms for it.
-#
-#   ARMS="default ema" SEEDS="0 1 2 3 4" bash benchmarks/gpu_recipe.sh       # a subset
-#   bash benchmarks/gpu_recipe.sh                                             # everything
-#   EXTRA="data.image_size=32 train.epochs=2" DATA=../shared/data/chest_xray ... # a CPU smoke test of the script
+# Prepare here (bash benchmarks/gpu_prepare.sh), then, one call right after the other:
+#   run(command="bash benchmarks/gpu_stage.sh", carry=[".gpudata"])
+#   run(command="ARMS='default class_weights' SEEDS='0 1 2 3 4' bash benchmarks/gpu_recipe.sh", carry=[".gpukit"])
+#   EXTRA="data.image_size=32 train.epochs=2" PY=.venv/bin/python ...   # a CPU rehearsal of the script
 #
 # Cost (H200, bf16, batch 256, 10 epochs: ~55-65 s per run, RESULTS.md): 11 training arms x
 # 5 seeds ~ 55 min, more than one 10-minute device call; split the arms over calls with ARMS
@@ -21,26 +19,13 @@
 # Results: $OUT/results.jsonl (one line per run: arm, seed, test metrics, threshold policy,
 # wall seconds), $OUT/eval_only.jsonl, $OUT/summary.md (mean +- sd per arm), $OUT/log.txt.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 RWFT_LOAD_PLUGINS="" RWFT_CACHE_DIR=/tmp/rwft-cache
 OUT=${OUT:-/tmp/out}
 RUNS=${RUNS:-/tmp/recipe_runs}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
-
-if [ -d .whl ]; then  # the bare GPU image: omegaconf from wheels, rwft from its folders
-    if [ ! -d .gpudata/chest_xray ]; then (cd .gpudata && python3 -m zipfile -e chest_xray.zip .) || exit 1; fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-    mkdir -p /tmp/rwftpkg/rwft
-    for d in core plugins server clients; do ln -sfn "$PWD/$d" "/tmp/rwftpkg/rwft/$d"; done
-    export PYTHONPATH=/tmp/rwftpkg:/tmp/site
-fi
-DATA=${DATA:-.gpudata/chest_xray}
-WEIGHTS=${WEIGHTS:-.gpudata/efficientnet-lite0-fp16.pth}
-weights_arg=""
-[ -f "$WEIGHTS" ] && weights_arg="model.weights=$WEIGHTS"
-nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
-python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
+weights_arg="model.weights=$WEIGHTS"
 
 # Each arm = the default recipe plus ONE ingredient (the last arm: all of them).
 # LP-FT keeps 10 epochs in all: 2 probe + 8 fine-tuning epochs at lr/10.
@@ -67,9 +52,9 @@ for arm in $ARMS; do
         [ -f "$dir/metrics.json" ] && continue
         start=$SECONDS
         # shellcheck disable=SC2086  # arm settings are word lists on purpose
-        python3 -m rwft.core.cli train examples/chest_xray_224.yaml data.root=$DATA $weights_arg \
+        "$PY" -m rwft.core.cli train examples/chest_xray_224.yaml data.root=$DATA $weights_arg \
             ${ARM[$arm]} ${EXTRA:-} seed=$seed output_dir=$dir || { echo "FAILED $arm seed $seed"; continue; }
-        python3 - "$dir" "$arm" "$seed" "$((SECONDS - start))" "$OUT/results.jsonl" <<'PY'
+        "$PY" - "$dir" "$arm" "$seed" "$((SECONDS - start))" "$OUT/results.jsonl" <<'PY'
 import json, sys, pathlib
 run, arm, seed, seconds, out = sys.argv[1:]
 m = json.loads((pathlib.Path(run) / "metrics.json").read_text())
@@ -86,8 +71,8 @@ done
 # Evaluation-only ingredients on the default arm's checkpoints (no retraining).
 evaluate_only() {  # name, then rwft evaluate arguments
     local name=$1; shift
-    python3 -m rwft.core.cli evaluate "$@" train.bootstrap=200 --output "$RUNS/eval_$name.json" >/dev/null && \
-        python3 -c "import json,sys; m=json.load(open('$RUNS/eval_$name.json')); print(json.dumps({'name': '$name', 'policy': m.get('threshold_policy'), 'auroc': m['auroc']['value'], 'accuracy': m['accuracy']['value'], 'sensitivity': m['sensitivity']['value'], 'specificity': m['specificity']['value'], 'transductive_accuracy': m.get('test_transductive', {}).get('test', {}).get('accuracy', {}).get('value')}))" \
+    "$PY" -m rwft.core.cli evaluate "$@" train.bootstrap=200 --output "$RUNS/eval_$name.json" >/dev/null && \
+        "$PY" -c "import json,sys; m=json.load(open('$RUNS/eval_$name.json')); print(json.dumps({'name': '$name', 'policy': m.get('threshold_policy'), 'auroc': m['auroc']['value'], 'accuracy': m['accuracy']['value'], 'sensitivity': m['sensitivity']['value'], 'specificity': m['specificity']['value'], 'transductive_accuracy': m.get('test_transductive', {}).get('test', {}).get('accuracy', {}).get('value')}))" \
         >> "$OUT/eval_only.jsonl"
 }
 if [[ " $ARMS " == *" default "* ]] || [ -n "${EVAL_ONLY:-}" ]; then
@@ -106,7 +91,7 @@ if [[ " $ARMS " == *" default "* ]] || [ -n "${EVAL_ONLY:-}" ]; then
     [ -n "$fulls" ] && evaluate_only ensemble_full $fulls
 fi
 
-python3 - "$OUT" <<'PY'
+"$PY" - "$OUT" <<'PY'
 import json, statistics, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()] if (out / "results.jsonl").exists() else []

@@ -1,45 +1,33 @@
 #!/usr/bin/env bash
-# Everything rwft measures on a lent GPU, in one call (the device has torch, timm,
-# scikit-learn, tensorboard, pluggy, rich, tqdm and matplotlib, but not omegaconf nor
-# the weight package, which travel as wheels/files in ignored folders):
-#   .whl/      omegaconf + antlr4 wheels
-#   .gpudata/  copies of ../shared/data (chest_xray.zip, pneumoniamnist.npz) and the
-#              EfficientNet-Lite0 ImageNet weights stored as fp16 (to fit the 64 MiB
-#              transfer limit; training runs in bf16, which is coarser than fp16)
+# Everything rwft measures on a lent GPU in one work call: throughput at 224 and 64 px, six
+# chest_xray runs (ImageNet vs scratch, probe, conv1x1) and two PneumoniaMNIST 28->224 runs.
+# Prepare here (bash benchmarks/gpu_prepare.sh), then, one call right after the other:
+#   run(command="bash benchmarks/gpu_stage.sh", carry=[".gpudata"])
+#   run(command="bash benchmarks/gpu_suite.sh", carry=[".gpukit"], timeout_s=600)
+# (benchmarks/gpu_env.sh says what the device image lacks and how it travels.)
 # Results land in $OUT: throughput_224.json, throughput_64.json, accuracy.json, log.txt.
 # Arguments pick parts (default all): throughput, chest (6 chest_xray runs, ~5 min on an
 # H200), mnist (2 PneumoniaMNIST 28->224 runs), e.g. `bash benchmarks/gpu_suite.sh throughput mnist`.
 set -uo pipefail
 parts=" ${*:-throughput chest mnist} "
 wants() { [[ $parts == *" $1 "* ]]; }
-export PYTHONUNBUFFERED=1 RWFT_LOAD_PLUGINS="" RWFT_CACHE_DIR=/tmp/rwft-cache
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
-# One zip file instead of 5,824 JPEGs: the transfer limit counts per-file overhead too.
-if wants chest && [ ! -d .gpudata/chest_xray ]; then
-    (cd .gpudata && python3 -m zipfile -e chest_xray.zip .) || exit 1
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-# rwft without an install: the namespace package rwft made of links to its four folders.
-mkdir -p /tmp/rwftpkg/rwft
-for d in core plugins server clients; do ln -sfn "$PWD/$d" "/tmp/rwftpkg/rwft/$d"; done
-export PYTHONPATH=/tmp/rwftpkg:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+source "$(dirname "$0")/gpu_env.sh"
 
-wants throughput && python3 benchmarks/train_throughput.py --image-size 224 --batch-size 256 --steps 20 --repeats 3 \
+wants throughput && "$PY" benchmarks/train_throughput.py --image-size 224 --batch-size 256 --steps 20 --repeats 3 \
     --output "$OUT/throughput_224.json" --profile "$OUT/profile_224.txt"
-wants throughput && python3 benchmarks/train_throughput.py --image-size 64 --batch-size 256 --steps 20 --repeats 3 \
+wants throughput && "$PY" benchmarks/train_throughput.py --image-size 64 --batch-size 256 --steps 20 --repeats 3 \
     --output "$OUT/throughput_64.json"
 
-weights=.gpudata/efficientnet-lite0-fp16.pth
-chest="examples/chest_xray_224.yaml data.root=.gpudata/chest_xray"
-mnist="data.dataset=medmnist data.root=.gpudata/pneumoniamnist.npz data.image_size=224 train.epochs=12 train.batch_size=256"
+weights=$WEIGHTS
+chest="examples/chest_xray_224.yaml data.root=$DATA"
+mnist="data.dataset=medmnist data.root=$NPZ data.image_size=224 train.epochs=12 train.batch_size=256"
 run() {  # name, then rwft train arguments
     local name=$1; shift
     local start=$SECONDS
-    python3 -m rwft.core.cli train "$@" output_dir=/tmp/runs/$name && \
+    "$PY" -m rwft.core.cli train "$@" output_dir=/tmp/runs/$name && \
         echo "$name $((SECONDS - start))" >> /tmp/runs/seconds.txt
 }
 mkdir -p /tmp/runs
@@ -53,7 +41,7 @@ wants chest && run chest_conv1x1_s0 $chest model.weights=$weights model.adapter=
 wants mnist && run mnist_imagenet_s0 $mnist model.weights=$weights seed=0
 wants mnist && run mnist_scratch_s0 $mnist model.pretrained=false seed=0
 
-python3 - "$OUT/accuracy.json" <<'PY'
+"$PY" - "$OUT/accuracy.json" <<'PY'
 import json, sys, pathlib
 seconds = dict(line.split() for line in pathlib.Path("/tmp/runs/seconds.txt").read_text().splitlines())
 summary = {}
