@@ -96,7 +96,13 @@ def site_models(trained: TrainedModel, run_dir: Path) -> list[torch.nn.Module]:
     models = []
     for file in files:
         model = copy.deepcopy(trained.model)
-        model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=False)
+        local = torch.load(file, map_location="cpu", weights_only=True)
+        # strict=False because only the BatchNorm layers are in the file; a name that fits no layer
+        # would leave the global BatchNorm in place and score the wrong model.
+        unexpected = model.load_state_dict(local, strict=False).unexpected_keys
+        if not local or unexpected:
+            sys.exit(f"{file} does not hold this model's BatchNorm layers ({len(local)} tensors, "
+                     f"{len(unexpected)} that fit no layer, e.g. {unexpected[:2]}).")
         models.append(model.eval())
     return models
 
