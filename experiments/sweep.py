@@ -24,10 +24,10 @@ Command-line ``key=value`` items whose first part is a sweep-file key (``output_
 ``resources.cpu=``, ``max_failures=``...) change the sweep; any other is a config override for
 every trial (``data.root=...``), applied after the file's ``overrides`` and setting blocks (it
 wins over them: ``federation.rounds=1`` for a quick look at a federated profile) and before the
-variant and the grid's parameters, which define the arms. The sweep directory holds ``sweep.yaml`` (resolved),
-``trials/<name>/`` (one run directory per trial, ``rwft.experiments.trials``), ``tune/``
-(Ray Tune's experiment state, for ``--resume``), ``results.csv``, ``summary.csv`` and
-``comparisons.csv`` (``rwft.experiments.results``).
+variant and the grid's parameters, which define the arms. The sweep directory holds
+``sweep.yaml`` (resolved), ``trials/<name>/`` (one run directory per trial,
+``rwft.experiments.trials``), ``tune/`` (Ray Tune's experiment state, for ``--resume``),
+``results.csv``, ``summary.csv`` and ``comparisons.csv`` (``rwft.experiments.results``).
 """
 
 from __future__ import annotations
@@ -217,9 +217,14 @@ def _asha(scheduler: Any, file: Path) -> dict[str, Any] | None:
 
 
 def _absolute_paths_given(overrides: list[str]) -> list[str]:
-    """``overrides`` with the paths they set (``PATH_KEYS``) made absolute (relative to the current directory)."""
-    return [f"{key}={Path(value).expanduser().resolve()}" if key in PATH_KEYS and value not in ("", "null") else item
-            for item in overrides for key, value in [(item.split("=", 1)[0].strip(), item.split("=", 1)[1])]]
+    """``overrides`` with the paths they set (``PATH_KEYS``) made absolute (relative to the current directory);
+    values are parsed as OmegaConf parses overrides (``data.root="my scans"``)."""
+    absolute = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key) if key in PATH_KEYS else None
+        absolute.append(f"{key}={Path(str(value)).expanduser().resolve()}" if value else item)
+    return absolute
 
 
 def _absolute_paths(config_file: str | None, overrides: list[str]) -> list[str]:

@@ -240,6 +240,8 @@ def test_command_line_overrides_win_over_the_files_blocks_but_not_over_the_arms(
     assert built[("federated", "long", 0)].train.epochs == 6  # a variant defines an arm: it wins
     assert built[("centralised", "long", 1)].seed == 1
     assert built[("centralised", "default", 0)].data.root == str(tmp_path / "data" / "xrays.npz")  # made absolute
+    quoted = load_sweep(sweep_file, ['data.root="my scans/xrays.npz"'])
+    assert quoted.trial(quoted.grid_points()[0]).config().data.root == str(tmp_path / "my scans" / "xrays.npz")
     save_resolved(sweep)
     resumed = configs(resolve_resume(str(sweep.sweep_dir), []))
     assert {key: OmegaConf.to_yaml(cfg) for key, cfg in resumed.items()} == \
