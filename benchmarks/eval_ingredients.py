@@ -49,7 +49,7 @@ from rwft.core.config import with_overrides
 from rwft.core.data import load_splits
 from rwft.core.metrics import METRIC_NAMES
 from rwft.core.predict import TrainedModel, load_trained_model
-from rwft.core.testtime import score
+from rwft.core.testtime import predict_ensemble, score
 from rwft.core.thresholds import calibration_report
 from rwft.experiments.results import collect, sweep_keys
 from rwft.experiments.stats import compare_arms, delong_test
@@ -212,7 +212,9 @@ def ensemble_table(members: dict[str, list]) -> list[dict]:
         ensemble = score([model for _, model, _, _ in group], splits, cfg)
         values = test_values(ensemble.metrics["test"])
         for seed, model, _, _ in group:
-            test = delong_test(splits.test.labels, score([model], splits, cfg).test_probs, ensemble.test_probs)
+            # The member's own test outputs: no threshold or bootstrap needed for DeLong.
+            single = predict_ensemble([model], splits.test, cfg)[:, 1]
+            test = delong_test(splits.test.labels, single, ensemble.test_probs)
             rows.append({SETTING_KEY: setting, "members": len(group), "member_seed": seed,
                          "member_auroc": test.auroc_a, "ensemble_auroc": test.auroc_b, "diff": test.diff,
                          "ci_low": test.ci_low, "ci_high": test.ci_high, "p": test.p}
