@@ -137,17 +137,23 @@ def main() -> int:
         sys.exit(f"--rules {args.rules}: choose from {', '.join(RULES)}, {REFERENCE_RULE} included (the reference).")
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out or args.sweep_dir / "eval_ingredients"
-    out.mkdir(parents=True, exist_ok=True)
-
+    if not (args.sweep_dir / "sweep.yaml").is_file():
+        sys.exit(f"{args.sweep_dir} is not a sweep directory (no sweep.yaml): pass the output_dir of an rwft sweep.")
     trials = collect(args.sweep_dir, sweep_keys(args.sweep_dir))
     if VARIANT_KEY not in trials:
         trials[VARIANT_KEY] = REFERENCE_VARIANT
     trials = trials[trials["status"] == "complete"]
     if args.variants != "all":
-        trials = trials[trials[VARIANT_KEY].isin([v.strip() for v in args.variants.split(",")])]
+        wanted = [v.strip() for v in args.variants.split(",")]
+        unknown = sorted(set(wanted) - set(trials[VARIANT_KEY]))
+        if unknown:
+            sys.exit(f"--variants {args.variants}: {', '.join(unknown)} has no complete trial in {args.sweep_dir} "
+                     f"(it has {', '.join(sorted(set(trials[VARIANT_KEY]))) or 'none'}).")
+        trials = trials[trials[VARIANT_KEY].isin(wanted)]
     if trials.empty:
         sys.exit(f"{args.sweep_dir} has no complete trials to score.")
+    out = args.out or args.sweep_dir / "eval_ingredients"
+    out.mkdir(parents=True, exist_ok=True)
 
     rows, ensemble_members = [], {}
     for trial in trials.itertuples():
